@@ -1,0 +1,3 @@
+//! Model architectures (one file each) and their configuration.
+
+pub mod config;
