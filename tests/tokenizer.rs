@@ -21,7 +21,11 @@ fn check(model_key: &str, path: std::path::PathBuf) {
             .collect();
         let ids = tok.encode_raw(text).unwrap();
         assert_eq!(ids, expected, "{model_key}: encode {text:?}");
-        assert_eq!(tok.decode(&ids, false).unwrap(), text, "{model_key}: decode {text:?}");
+        assert_eq!(
+            tok.decode(&ids, false).unwrap(),
+            text,
+            "{model_key}: decode {text:?}"
+        );
     }
 }
 

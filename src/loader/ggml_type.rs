@@ -82,9 +82,13 @@ impl GgmlType {
         debug_assert_eq!(raw.len() / bytes * elems, out.len());
         let blocks = raw.chunks_exact(bytes).zip(out.chunks_exact_mut(elems));
         match self {
-            Self::F32 => blocks.for_each(|(b, o)| o[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            Self::F32 => {
+                blocks.for_each(|(b, o)| o[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }
             Self::F16 => blocks.for_each(|(b, o)| o[0] = f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            Self::BF16 => blocks.for_each(|(b, o)| o[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            Self::BF16 => {
+                blocks.for_each(|(b, o)| o[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            }
             Self::Q4_0 => blocks.for_each(|(b, o)| q4_0(b, o)),
             Self::Q4_1 => blocks.for_each(|(b, o)| q4_1(b, o)),
             Self::Q5_0 => blocks.for_each(|(b, o)| q5_0(b, o)),

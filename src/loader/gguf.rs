@@ -113,7 +113,10 @@ impl GgufFile {
             let name = cur.string("tensor name")?;
             let n_dims = cur.u32(&name)? as usize;
             if n_dims > 8 {
-                return Err(Error::invalid(path, format!("tensor `{name}` has {n_dims} dimensions")));
+                return Err(Error::invalid(
+                    path,
+                    format!("tensor `{name}` has {n_dims} dimensions"),
+                ));
             }
             let mut shape = (0..n_dims)
                 .map(|_| cur.u64(&name).map(|d| d as usize))
@@ -199,11 +202,14 @@ impl GgufFile {
             path: self.path.clone(),
             tensor: name.to_string(),
         })?;
-        let ty = info.ty.clone().map_err(|dtype| Error::UnsupportedTensorType {
-            path: self.path.clone(),
-            tensor: name.to_string(),
-            dtype,
-        })?;
+        let ty = info
+            .ty
+            .clone()
+            .map_err(|dtype| Error::UnsupportedTensorType {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                dtype,
+            })?;
         let n: usize = info.shape.iter().product();
         let len = ty.byte_len(n).ok_or_else(|| {
             Error::invalid(

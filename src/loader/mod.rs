@@ -4,8 +4,8 @@ pub mod ggml_type;
 pub mod gguf;
 pub mod host_tensor;
 pub mod safetensors;
+mod source;
 pub mod tokenizer;
 pub mod weights;
-mod source;
 
 pub use source::{open_model, ModelFiles};

@@ -29,7 +29,8 @@ impl SafetensorsWeights {
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let index: ShardIndex = serde_json::from_str(&text)
                 .map_err(|e| Error::invalid(&index_path, e.to_string()))?;
             let mut names: Vec<String> = index.weight_map.into_values().collect();
@@ -57,7 +58,10 @@ impl SafetensorsWeights {
 
     /// The folder-level path used in error messages for a tensor that is nowhere.
     fn first_path(&self) -> PathBuf {
-        self.shards.first().map(|(p, _)| p.clone()).unwrap_or_default()
+        self.shards
+            .first()
+            .map(|(p, _)| p.clone())
+            .unwrap_or_default()
     }
 
     pub fn has(&self, name: &str) -> bool {

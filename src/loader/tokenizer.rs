@@ -57,7 +57,10 @@ impl Tokenizer {
                 "tokenizer model `{model}` is not supported (supported: gpt2 byte-level BPE)"
             )));
         }
-        let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+        let pre = g
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
         let (patterns, ignore_merges): (&[&str], bool) = match pre {
             "llama-bpe" | "llama3" | "llama-v3" => (&[LLAMA3_SPLIT], true),
             "qwen2" | "deepseek-r1-qwen" => (&[QWEN2_SPLIT], false),
@@ -99,11 +102,17 @@ impl Tokenizer {
 
         let mut steps = Vec::new();
         for p in patterns {
-            let split = Split::new(SplitPattern::Regex(p.to_string()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| err(e.to_string()))?;
+            let split = Split::new(
+                SplitPattern::Regex(p.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| err(e.to_string()))?;
             steps.push(PreTokenizerWrapper::Split(split));
         }
-        steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
+        steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+            false, false, false,
+        )));
         inner.with_pre_tokenizer(Some(Sequence::new(steps)));
         inner.with_decoder(Some(ByteLevel::default()));
 
@@ -187,7 +196,10 @@ impl Tokenizer {
         }
         let eos_text = tok_cfg.as_ref().and_then(|c| match c.get("eos_token") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(obj) => obj.get("content").and_then(|v| v.as_str()).map(str::to_string),
+            Some(obj) => obj
+                .get("content")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
             None => None,
         });
         eos_ids.extend(eos_text.and_then(|t| inner.token_to_id(&t)));

@@ -12,7 +12,10 @@ use crate::models::config::{Architecture, Config};
 /// The weights of a loaded model file or folder.
 pub enum Weights {
     Gguf(GgufFile),
-    Safetensors { dir: PathBuf, st: SafetensorsWeights },
+    Safetensors {
+        dir: PathBuf,
+        st: SafetensorsWeights,
+    },
 }
 
 impl Weights {

@@ -130,7 +130,10 @@ impl Config {
             Some(r) if !matches!(r.rope_type.as_deref(), None | Some("default")) => {
                 return Err(Error::invalid(
                     path,
-                    format!("unsupported rope scaling `{}`", r.rope_type.unwrap_or_default()),
+                    format!(
+                        "unsupported rope scaling `{}`",
+                        r.rope_type.unwrap_or_default()
+                    ),
                 ))
             }
             _ => None,
@@ -172,7 +175,9 @@ impl Config {
             Err(_) => gguf.array("tokenizer.ggml.tokens")?.len(),
         };
         let rope_scaling = if gguf.has_tensor("rope_freqs.weight") {
-            Some(RopeScaling::FreqFactors(gguf.tensor("rope_freqs.weight")?.data))
+            Some(RopeScaling::FreqFactors(
+                gguf.tensor("rope_freqs.weight")?.data,
+            ))
         } else {
             None
         };
@@ -207,7 +212,10 @@ impl Config {
         if ok {
             Ok(self)
         } else {
-            Err(Error::invalid(path, format!("inconsistent model shape: {self:?}")))
+            Err(Error::invalid(
+                path,
+                format!("inconsistent model shape: {self:?}"),
+            ))
         }
     }
 

@@ -1,3 +1,4 @@
 //! Model architectures (one file each) and their configuration.
 
 pub mod config;
+pub mod llama;

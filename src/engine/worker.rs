@@ -1,0 +1,222 @@
+//! The engine thread: owns the scheduler, the model runner and every request's decoding state,
+//! and runs one loop — take commands, schedule, forward, sample, stream out.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+
+use super::request::{Chunk, FinishReason, SamplingParams};
+use super::stream::StreamSender;
+use crate::error::{Error, Result};
+use crate::loader::tokenizer::Tokenizer;
+use crate::runner::model_runner::ModelRunner;
+use crate::runner::sampler::Sampler;
+use crate::scheduler::sequence::Sequence;
+use crate::scheduler::Scheduler;
+use crate::text::detokenizer::Detokenizer;
+use crate::text::stop::StopMatcher;
+
+/// Messages from engine handles and streams to the engine thread.
+pub(crate) enum Command {
+    Add {
+        id: u64,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        sender: StreamSender,
+    },
+    Abort(u64),
+    Shutdown,
+}
+
+/// A request's decoding state outside the scheduler.
+struct Active {
+    sender: StreamSender,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stop: StopMatcher,
+    max_tokens: usize,
+    /// Tokens that end generation: EOS (unless ignored) and the request's stop ids.
+    stop_ids: Vec<u32>,
+}
+
+pub(crate) struct Worker<B: Backend> {
+    pub runner: ModelRunner<B>,
+    pub scheduler: Scheduler,
+    pub tokenizer: Arc<Tokenizer>,
+    active: HashMap<u64, Active>,
+}
+
+impl<B: Backend> Worker<B> {
+    pub fn new(runner: ModelRunner<B>, scheduler: Scheduler, tokenizer: Arc<Tokenizer>) -> Self {
+        Self {
+            runner,
+            scheduler,
+            tokenizer,
+            active: HashMap::new(),
+        }
+    }
+
+    pub fn run(mut self, commands: Receiver<Command>) {
+        loop {
+            if !self.scheduler.has_work() {
+                match commands.recv() {
+                    Ok(c) => {
+                        if !self.handle(c) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            while let Ok(c) = commands.try_recv() {
+                if !self.handle(c) {
+                    return;
+                }
+            }
+            self.drop_abandoned();
+            self.step();
+        }
+    }
+
+    /// Applies one command; false on shutdown.
+    fn handle(&mut self, c: Command) -> bool {
+        match c {
+            Command::Add {
+                id,
+                prompt,
+                params,
+                sender,
+            } => {
+                let mut stop_ids = params.stop_token_ids.clone();
+                if !params.ignore_eos {
+                    stop_ids.extend_from_slice(self.tokenizer.eos_ids());
+                }
+                self.active.insert(
+                    id,
+                    Active {
+                        sender,
+                        sampler: Sampler::new(params.clone(), &prompt),
+                        detok: Detokenizer::new(),
+                        stop: StopMatcher::new(params.stop),
+                        max_tokens: params.max_tokens,
+                        stop_ids,
+                    },
+                );
+                self.scheduler.add(Sequence::new(id, prompt));
+                true
+            }
+            Command::Abort(id) => {
+                self.finish(id);
+                true
+            }
+            Command::Shutdown => false,
+        }
+    }
+
+    fn finish(&mut self, id: u64) {
+        self.scheduler.remove(id);
+        self.active.remove(&id);
+    }
+
+    /// Cancels requests whose caller dropped the stream.
+    fn drop_abandoned(&mut self) {
+        let gone: Vec<u64> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.sender.is_dropped())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.finish(id);
+        }
+    }
+
+    fn step(&mut self) {
+        let Some(step) = self.scheduler.schedule() else {
+            return;
+        };
+        let runner = &mut self.runner;
+        let outcome = catch_unwind(AssertUnwindSafe(|| runner.forward(&step.batch)))
+            .unwrap_or_else(|panic| Err(Error::Device(panic_message(panic))));
+        let mut logits = match outcome {
+            Ok(l) => l,
+            Err(e) => {
+                // A device failure belongs to the whole step: fail those requests, keep serving.
+                for &(id, _) in &step.scheduled {
+                    if let Some(a) = self.active.get(&id) {
+                        a.sender.send(Err(Error::Device(e.to_string())));
+                    }
+                    self.finish(id);
+                }
+                return;
+            }
+        };
+        self.scheduler.complete(&step.scheduled);
+        let vocab = self.runner.vocab_size();
+        for (row, &id) in step.sampled.iter().enumerate() {
+            let row_logits = &mut logits[row * vocab..(row + 1) * vocab];
+            match self.emit(id, row_logits) {
+                Ok(true) => {}
+                Ok(false) => self.finish(id),
+                Err(e) => {
+                    if let Some(a) = self.active.get(&id) {
+                        a.sender.send(Err(e));
+                    }
+                    self.finish(id);
+                }
+            }
+        }
+    }
+
+    /// Samples a sequence's next token and streams it; false once the request is over.
+    fn emit(&mut self, id: u64, logits: &mut [f32]) -> Result<bool> {
+        let Some(a) = self.active.get_mut(&id) else {
+            return Ok(false);
+        };
+        let (token, logprobs) = a.sampler.sample(logits);
+        self.scheduler.append(id, token);
+        let generated = self.scheduler.get(id).map_or(0, Sequence::num_generated);
+        let tok = &self.tokenizer;
+        let is_stop_token = a.stop_ids.contains(&token);
+        let mut text = String::new();
+        let mut finish = None;
+        if !is_stop_token {
+            let (out, hit) = a.stop.push(&a.detok.push(tok, token)?);
+            text = out;
+            finish = hit.then_some(FinishReason::Stop);
+        }
+        if finish.is_none() {
+            if is_stop_token {
+                finish = Some(FinishReason::Stop);
+            } else if generated >= a.max_tokens {
+                finish = Some(FinishReason::Length);
+            }
+            if finish.is_some() {
+                // Release held-back text: a trailing partial character or a stop-string prefix.
+                let (out, hit) = a.stop.push(&a.detok.flush(tok)?);
+                text.push_str(&out);
+                if !hit {
+                    text.push_str(&a.stop.flush());
+                }
+            }
+        }
+        let chunk = Chunk {
+            text,
+            token_id: token,
+            logprobs,
+            finish_reason: finish,
+        };
+        Ok(a.sender.send(Ok(chunk)) && finish.is_none())
+    }
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic in the forward pass".into())
+}

@@ -1,0 +1,62 @@
+//! The flat batch: the only thing the scheduler hands the model runner each step.
+
+/// One sequence's share of a step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqChunk {
+    /// Index of its first token in the flat batch; its tokens are contiguous.
+    pub start: usize,
+    /// Tokens it contributes this step (the prompt chunk, or 1 when decoding).
+    pub len: usize,
+    /// Tokens in its KV cache once this step has run (context + `len`).
+    pub context_len: usize,
+    /// Its KV blocks, in position order.
+    pub block_table: Vec<u32>,
+}
+
+/// Tokens of several sequences, prefill and decode mixed, run in one forward.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    pub token_ids: Vec<u32>,
+    pub positions: Vec<usize>,
+    /// KV-cache slot (block · block_size + offset) each token's K/V is written to.
+    pub slot_mapping: Vec<usize>,
+    pub seqs: Vec<SeqChunk>,
+    /// Flat indices of the tokens whose logits are wanted, one row of logits each.
+    pub logit_indices: Vec<usize>,
+}
+
+impl Batch {
+    /// Appends `tokens` of one sequence at positions `context_len - tokens.len() ..`.
+    pub fn push_seq(
+        &mut self,
+        tokens: &[u32],
+        context_len: usize,
+        block_table: &[u32],
+        block_size: usize,
+        want_logits: bool,
+    ) {
+        let start = self.token_ids.len();
+        let first_pos = context_len - tokens.len();
+        for (i, &t) in tokens.iter().enumerate() {
+            let pos = first_pos + i;
+            self.token_ids.push(t);
+            self.positions.push(pos);
+            let block = block_table[pos / block_size] as usize;
+            self.slot_mapping
+                .push(block * block_size + pos % block_size);
+        }
+        if want_logits {
+            self.logit_indices.push(start + tokens.len() - 1);
+        }
+        self.seqs.push(SeqChunk {
+            start,
+            len: tokens.len(),
+            context_len,
+            block_table: block_table.to_vec(),
+        });
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+}
