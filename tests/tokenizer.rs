@@ -48,3 +48,28 @@ fn end_of_generation_ids() {
     // <|endoftext|> = 151643, <|im_end|> = 151645.
     assert_eq!(tok.eos_ids(), &[151643, 151645]);
 }
+
+#[test]
+fn incremental_detokenizer_never_splits_characters() {
+    use kiln::text::detokenizer::Detokenizer;
+    let text = "naïve café 日本語のテキスト 🚀🔥👍🏽 ≤≥∑ done";
+    for path in [common::smollm2(), common::qwen2()] {
+        let tok = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+        let ids = tok.encode_raw(text).unwrap();
+        let mut d = Detokenizer::new();
+        let mut out = String::new();
+        let mut held = 0;
+        for &id in &ids {
+            let delta = d.push(&tok, id).unwrap();
+            assert!(!delta.contains('\u{FFFD}'), "broken character in {delta:?}");
+            held += delta.is_empty() as usize;
+            out.push_str(&delta);
+        }
+        out.push_str(&d.flush(&tok).unwrap());
+        assert_eq!(out, text);
+        assert!(
+            held > 0,
+            "multi-token characters were held back at least once"
+        );
+    }
+}

@@ -73,7 +73,7 @@ impl GgmlType {
     /// Bytes that `n` elements occupy; `None` when `n` is not a whole number of blocks.
     pub fn byte_len(self, n: usize) -> Option<usize> {
         let (elems, bytes) = self.block();
-        (n % elems == 0).then(|| n / elems * bytes)
+        n.is_multiple_of(elems).then(|| n / elems * bytes)
     }
 
     /// Dequantizes whole blocks of `raw` into `out` (which holds exactly their elements).

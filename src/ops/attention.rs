@@ -1,7 +1,9 @@
 //! The attention seam: writing K/V into the paged pool and attending over it through block
 //! tables. `ReferenceAttention` is the plain Burn-ops version; GPU kernels implement the same trait.
 
-use burn::tensor::{activation::softmax, backend::Backend, Bool, DType, Int, Tensor, TensorData};
+use burn::tensor::{
+    activation::softmax, backend::Backend, s, Bool, DType, Int, Tensor, TensorData,
+};
 
 use super::kv_cache::LayerKv;
 use crate::runner::batch::Batch;
@@ -93,7 +95,7 @@ fn write_runs<B: Backend>(
     runs: &[(usize, usize, usize)],
 ) -> Tensor<B, 3> {
     runs.iter().fold(pool, |pool, &(start, slot, len)| {
-        pool.slice_assign([slot..slot + len], new.clone().narrow(0, start, len))
+        pool.slice_assign(s![slot..slot + len], new.clone().narrow(0, start, len))
     })
 }
 
