@@ -36,26 +36,26 @@ const PROMPTS: [&str; 4] = [
     "The three primary colors are",
 ];
 
-#[test]
-fn concurrent_requests_match_solo_runs() {
-    let e = engine();
-    let solo: Vec<Vec<u32>> = PROMPTS
+/// Greedy tokens of each prompt run alone, then of all submitted at once (sharing batches).
+fn solo_and_together(e: &Engine, prompts: &[&str], n: usize) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let req = |p: &str| Request::new(p).sampling(greedy(n));
+    let solo = prompts
         .iter()
-        .map(|p| {
-            e.generate(Request::new(*p).sampling(greedy(12)))
-                .unwrap()
-                .token_ids
-        })
+        .map(|p| e.generate(req(p)).unwrap().token_ids)
         .collect();
-    // All four submitted before any is read: they share the flat batch.
-    let streams: Vec<TokenStream> = PROMPTS
-        .iter()
-        .map(|p| e.stream(Request::new(*p).sampling(greedy(12))).unwrap())
-        .collect();
-    let together: Vec<Vec<u32>> = streams
+    // All submitted before any is read.
+    let streams: Vec<TokenStream> = prompts.iter().map(|p| e.stream(req(p)).unwrap()).collect();
+    let together = streams
         .into_iter()
         .map(|s| s.into_completion().unwrap().token_ids)
         .collect();
+    (solo, together)
+}
+
+#[test]
+fn concurrent_requests_match_solo_runs() {
+    let e = engine();
+    let (solo, together) = solo_and_together(e, &PROMPTS, 12);
     assert_eq!(together, solo);
 }
 
@@ -202,68 +202,66 @@ fn dropping_a_stream_cancels_it_and_others_continue() {
 #[test]
 fn bad_input_is_an_error_and_the_engine_keeps_serving() {
     let e = engine();
-    let bad = |p: SamplingParams| e.generate(Request::new("hi").sampling(p)).unwrap_err();
-    assert!(matches!(
-        bad(SamplingParams {
-            temperature: -1.0,
-            ..Default::default()
-        }),
-        Error::InvalidSampling {
-            name: "temperature",
-            ..
+    let d = SamplingParams::default;
+    let cases = [
+        (
+            "temperature",
+            SamplingParams {
+                temperature: -1.0,
+                ..d()
+            },
+        ),
+        ("top_p", SamplingParams { top_p: 0.0, ..d() }),
+        (
+            "top_p",
+            SamplingParams {
+                top_p: f32::NAN,
+                ..d()
+            },
+        ),
+        ("min_p", SamplingParams { min_p: 1.5, ..d() }),
+        (
+            "repetition_penalty",
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..d()
+            },
+        ),
+        (
+            "presence_penalty",
+            SamplingParams {
+                presence_penalty: 3.0,
+                ..d()
+            },
+        ),
+        (
+            "max_tokens",
+            SamplingParams {
+                max_tokens: 0,
+                ..d()
+            },
+        ),
+        (
+            "stop",
+            SamplingParams {
+                stop: vec![String::new()],
+                ..d()
+            },
+        ),
+        (
+            "logprobs",
+            SamplingParams {
+                logprobs: Some(1000),
+                ..d()
+            },
+        ),
+    ];
+    for (expected, params) in cases {
+        match e.generate(Request::new("hi").sampling(params)) {
+            Err(Error::InvalidSampling { name, .. }) => assert_eq!(name, expected),
+            other => panic!("{expected}: expected InvalidSampling, got {other:?}"),
         }
-    ));
-    assert!(matches!(
-        bad(SamplingParams {
-            top_p: 0.0,
-            ..Default::default()
-        }),
-        Error::InvalidSampling { name: "top_p", .. }
-    ));
-    assert!(matches!(
-        bad(SamplingParams {
-            top_p: f32::NAN,
-            ..Default::default()
-        }),
-        Error::InvalidSampling { name: "top_p", .. }
-    ));
-    assert!(matches!(
-        bad(SamplingParams {
-            min_p: 1.5,
-            ..Default::default()
-        }),
-        Error::InvalidSampling { name: "min_p", .. }
-    ));
-    assert!(matches!(
-        bad(SamplingParams {
-            repetition_penalty: 0.0,
-            ..Default::default()
-        }),
-        Error::InvalidSampling {
-            name: "repetition_penalty",
-            ..
-        }
-    ));
-    assert!(matches!(
-        bad(SamplingParams {
-            max_tokens: 0,
-            ..Default::default()
-        }),
-        Error::InvalidSampling {
-            name: "max_tokens",
-            ..
-        }
-    ));
-    assert!(matches!(
-        bad(SamplingParams {
-            logprobs: Some(1000),
-            ..Default::default()
-        }),
-        Error::InvalidSampling {
-            name: "logprobs",
-            ..
-        }
-    ));
+    }
     assert!(matches!(
         e.generate(Request::new("")),
         Err(Error::EmptyPrompt)
@@ -298,28 +296,17 @@ fn small_kv_cache_preempts_without_losing_requests() {
         .model(common::smollm2())
         .kv_cache_tokens(96)
         .block_size(16)
+        .max_model_len(1024)
         .build()
         .unwrap();
-    let solo: Vec<Vec<u32>> = PROMPTS[..3]
-        .iter()
-        .map(|p| {
-            e.generate(Request::new(*p).sampling(greedy(32)))
-                .unwrap()
-                .token_ids
-        })
-        .collect();
-    let streams: Vec<_> = PROMPTS[..3]
-        .iter()
-        .map(|p| e.stream(Request::new(*p).sampling(greedy(32))).unwrap())
-        .collect();
-    let together: Vec<Vec<u32>> = streams
-        .into_iter()
-        .map(|s| s.into_completion().unwrap().token_ids)
-        .collect();
+    let (solo, together) = solo_and_together(&e, &PROMPTS[..3], 32);
     assert_eq!(together, solo);
     match e.generate(Request::new(PROMPTS[0]).max_tokens(200)) {
-        Err(Error::PromptTooLong { .. }) | Err(Error::KvCacheExhausted { .. }) => {}
-        other => panic!("expected a capacity error, got {other:?}"),
+        Err(Error::KvCacheExhausted {
+            needed: 13,
+            capacity: 6,
+        }) => {}
+        other => panic!("expected KvCacheExhausted, got {other:?}"),
     }
 }
 

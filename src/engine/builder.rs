@@ -108,6 +108,8 @@ impl EngineBuilder {
     }
 
     /// Longest sequence, prompt plus output (default: the model's, capped by the KV cache).
+    /// It may exceed the KV cache; a request that needs more than the whole cache then fails
+    /// with [`Error::KvCacheExhausted`].
     pub fn max_model_len(mut self, n: usize) -> Self {
         self.max_model_len = Some(n);
         self
@@ -169,10 +171,11 @@ impl EngineBuilder {
             reason: "the model has no tokenizer (tokenizer.json)".into(),
         })?);
         let dtype = self.dtype.unwrap_or(default_dtype).burn();
+        // An explicit max_model_len beyond the KV cache is honoured: requests that would not
+        // fit in the whole cache then fail with `KvCacheExhausted` instead of `PromptTooLong`.
         let max_model_len = self
             .max_model_len
-            .unwrap_or(config.max_position_embeddings)
-            .min(self.kv_cache_tokens);
+            .unwrap_or_else(|| config.max_position_embeddings.min(self.kv_cache_tokens));
         let model = Llama::<B>::load(&weights, &config, max_model_len, dtype, &device)?;
         drop(weights);
         let num_blocks = self.kv_cache_tokens.div_ceil(self.block_size);
