@@ -1,4 +1,13 @@
-//! kiln's CubeCL kernels: one kernel per file, each with its plain reference
-//! implementation and tests beside it. The GPU hot path lands here.
+//! kiln's CubeCL kernels: one kernel per file, each with its plain reference implementation and
+//! tests beside it. The tests run on wgpu (Mesa lavapipe on CPU-only machines); the same kernels
+//! run on CUDA in the engine and the GPU benchmarks.
+
+pub mod paged_decode_attention;
+pub mod reduce;
+pub mod rms_norm;
+pub mod silu_mul;
+
+#[cfg(test)]
+pub(crate) mod test_util;
 
 pub use cubecl;

@@ -1,0 +1,414 @@
+//! Paged attention for decode (one query token per sequence), GQA-aware and split-K
+//! (flash-decoding).
+//!
+//! A cube serves one (token, K/V head, split): it holds the `group` query heads that share that
+//! K/V head in shared memory, so each K/V row is read once for all of them. Within a split the
+//! softmax is exact (scores kept in shared memory, f32); splits are merged by `combine`, which
+//! rescales each split's partial sums by its running maximum. Keys are found through the block
+//! table: slot = block_table[pos / block_size] · block_size + pos % block_size.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::reduce::{cube_max, cube_sum};
+
+/// Keys one split covers (its scores live in shared memory: group × SPLIT_KEYS f32).
+pub const SPLIT_KEYS: usize = 512;
+/// Upper bound on planes per cube, for the reductions' shared memory (head_dim ≤ 256, plane ≥ 4).
+const MAX_PLANES: usize = 64;
+
+/// Shapes fixed at compile time so that the loops over heads and dimensions unroll.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub kv_heads: usize,
+    /// Query heads per K/V head.
+    pub group: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    /// Columns of the block-table matrix.
+    pub max_blocks: usize,
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn split_kernel<F: Float>(
+    q: &Array<F>,
+    k_cache: &Array<F>,
+    v_cache: &Array<F>,
+    block_tables: &Array<u32>,
+    context_lens: &Array<u32>,
+    out: &mut Array<F>,
+    part_acc: &mut Array<f32>,
+    part_ml: &mut Array<f32>,
+    scale: f32,
+    max_splits: usize,
+    #[comptime] kv_heads: usize,
+    #[comptime] group: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] block_size: usize,
+    #[comptime] max_blocks: usize,
+) {
+    let token = CUBE_POS_X as usize;
+    let kvh = CUBE_POS_Y as usize;
+    let split = CUBE_POS_Z as usize;
+    let ctx = context_lens[token] as usize;
+    let first = split * SPLIT_KEYS;
+    // Uniform across the cube: the whole cube leaves together.
+    if first >= ctx {
+        terminate!();
+    }
+    let n_keys = usize::min(SPLIT_KEYS, ctx - first);
+    let heads = kv_heads * group;
+
+    let mut q_s = SharedMemory::<f32>::new(group * head_dim);
+    let mut scores = SharedMemory::<f32>::new(group * SPLIT_KEYS);
+    let d = UNIT_POS as usize;
+    #[unroll]
+    for g in 0..group {
+        q_s[g * head_dim + d] = f32::cast_from(q[(token * heads + kvh * group + g) * head_dim + d]);
+    }
+    sync_cube();
+
+    // Scores: each unit takes keys d, d + head_dim, ...
+    let mut kk = d;
+    while kk < n_keys {
+        let pos = first + kk;
+        let block = block_tables[token * max_blocks + pos / block_size] as usize;
+        let row = ((block * block_size + pos % block_size) * kv_heads + kvh) * head_dim;
+        let mut dots = Array::<f32>::new(group);
+        #[unroll]
+        for g in 0..group {
+            dots[g] = f32::new(0.0);
+        }
+        for i in 0..head_dim {
+            let kv = f32::cast_from(k_cache[row + i]);
+            #[unroll]
+            for g in 0..group {
+                dots[g] += q_s[g * head_dim + i] * kv;
+            }
+        }
+        #[unroll]
+        for g in 0..group {
+            scores[g * SPLIT_KEYS + kk] = dots[g] * scale;
+        }
+        kk += head_dim;
+    }
+    sync_cube();
+
+    // Softmax statistics per head over this split; scores become exp(s - max).
+    let mut maxes = Array::<f32>::new(group);
+    let mut sums = Array::<f32>::new(group);
+    #[unroll]
+    for g in 0..group {
+        let mut m = f32::new(-3.0e38);
+        let mut kk = d;
+        while kk < n_keys {
+            m = f32::max(m, scores[g * SPLIT_KEYS + kk]);
+            kk += head_dim;
+        }
+        let m = cube_max(m, MAX_PLANES);
+        let mut s = f32::new(0.0);
+        let mut kk = d;
+        while kk < n_keys {
+            let p = f32::exp(scores[g * SPLIT_KEYS + kk] - m);
+            scores[g * SPLIT_KEYS + kk] = p;
+            s += p;
+            kk += head_dim;
+        }
+        maxes[g] = m;
+        sums[g] = cube_sum(s, MAX_PLANES);
+    }
+    sync_cube();
+
+    // P·V: unit d owns output dimension d of every head in the group.
+    let mut acc = Array::<f32>::new(group);
+    #[unroll]
+    for g in 0..group {
+        acc[g] = f32::new(0.0);
+    }
+    for kk in 0..n_keys {
+        let pos = first + kk;
+        let block = block_tables[token * max_blocks + pos / block_size] as usize;
+        let row = ((block * block_size + pos % block_size) * kv_heads + kvh) * head_dim;
+        let v = f32::cast_from(v_cache[row + d]);
+        #[unroll]
+        for g in 0..group {
+            acc[g] += scores[g * SPLIT_KEYS + kk] * v;
+        }
+    }
+
+    let n_splits = ctx.div_ceil(SPLIT_KEYS);
+    #[unroll]
+    for g in 0..group {
+        let h = kvh * group + g;
+        if n_splits == 1 {
+            out[(token * heads + h) * head_dim + d] = F::cast_from(acc[g] / sums[g]);
+        } else {
+            let at = (token * heads + h) * max_splits + split;
+            part_acc[at * head_dim + d] = acc[g];
+            if d == 0 {
+                part_ml[at * 2] = maxes[g];
+                part_ml[at * 2 + 1] = sums[g];
+            }
+        }
+    }
+}
+
+/// Merges the splits of sequences longer than one split; one cube per (token, head).
+#[cube(launch)]
+fn combine_kernel<F: Float>(
+    context_lens: &Array<u32>,
+    part_acc: &Array<f32>,
+    part_ml: &Array<f32>,
+    out: &mut Array<F>,
+    max_splits: usize,
+    #[comptime] heads: usize,
+    #[comptime] head_dim: usize,
+) {
+    let token = CUBE_POS_X as usize;
+    let h = CUBE_POS_Y as usize;
+    let n_splits = (context_lens[token] as usize).div_ceil(SPLIT_KEYS);
+    if n_splits <= 1 {
+        terminate!();
+    }
+    let d = UNIT_POS as usize;
+    let base = (token * heads + h) * max_splits;
+    let mut m = f32::new(-3.0e38);
+    for s in 0..n_splits {
+        m = f32::max(m, part_ml[(base + s) * 2]);
+    }
+    let mut num = f32::new(0.0);
+    let mut den = f32::new(0.0);
+    for s in 0..n_splits {
+        let w = f32::exp(part_ml[(base + s) * 2] - m);
+        num += w * part_acc[(base + s) * head_dim + d];
+        den += w * part_ml[(base + s) * 2 + 1];
+    }
+    out[(token * heads + h) * head_dim + d] = F::cast_from(num / den);
+}
+
+/// Scratch for sequences that need more than one split: f32 partial sums and (max, sum) pairs.
+pub struct Workspace {
+    pub acc: Handle,
+    pub ml: Handle,
+    pub max_splits: usize,
+}
+
+impl Workspace {
+    /// Room for `tokens` decode tokens of up to `max_context` keys each.
+    pub fn new<R: Runtime>(
+        client: &ComputeClient<R>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        max_context: usize,
+    ) -> Self {
+        let max_splits = max_context.div_ceil(SPLIT_KEYS).max(1);
+        let n = tokens * heads * max_splits;
+        Self {
+            acc: client.empty(n * head_dim * 4),
+            ml: client.empty(n * 2 * 4),
+            max_splits,
+        }
+    }
+}
+
+/// Attention of `tokens` decode queries `q` `[tokens, heads, head_dim]` over their paged K/V
+/// (`[slots, kv_heads, head_dim]` each); `block_tables` is `[tokens, max_blocks]` u32,
+/// `context_lens` `[tokens]` u32 (keys per query, ≤ the workspace's max context).
+#[allow(clippy::too_many_arguments)]
+pub fn launch<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    shape: Shape,
+    tokens: usize,
+    q: &Handle,
+    k_cache: &Handle,
+    v_cache: &Handle,
+    block_tables: &Handle,
+    context_lens: &Handle,
+    out: &Handle,
+    ws: &Workspace,
+    scale: f32,
+) {
+    let Shape {
+        kv_heads,
+        group,
+        head_dim,
+        block_size,
+        max_blocks,
+    } = shape;
+    let heads = kv_heads * group;
+    let slots_len = k_cache.size() as usize / size_of::<F>();
+    let arr = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
+    let n_part = tokens * heads * ws.max_splits;
+    split_kernel::launch::<F, R>(
+        client,
+        CubeCount::Static(tokens as u32, kv_heads as u32, ws.max_splits as u32),
+        CubeDim::new_1d(head_dim as u32),
+        arr(q, tokens * heads * head_dim),
+        arr(k_cache, slots_len),
+        arr(v_cache, slots_len),
+        arr(block_tables, tokens * max_blocks),
+        arr(context_lens, tokens),
+        arr(out, tokens * heads * head_dim),
+        arr(&ws.acc, n_part * head_dim),
+        arr(&ws.ml, n_part * 2),
+        scale,
+        ws.max_splits,
+        kv_heads,
+        group,
+        head_dim,
+        block_size,
+        max_blocks,
+    );
+    if ws.max_splits > 1 {
+        combine_kernel::launch::<F, R>(
+            client,
+            CubeCount::Static(tokens as u32, heads as u32, 1),
+            CubeDim::new_1d(head_dim as u32),
+            arr(context_lens, tokens),
+            arr(&ws.acc, n_part * head_dim),
+            arr(&ws.ml, n_part * 2),
+            arr(out, tokens * heads * head_dim),
+            ws.max_splits,
+            heads,
+            head_dim,
+        );
+    }
+}
+
+/// The plain reference, f32: same layouts as [`launch`].
+#[allow(clippy::too_many_arguments)]
+pub fn reference(
+    shape: Shape,
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    block_tables: &[u32],
+    context_lens: &[u32],
+    scale: f32,
+) -> Vec<f32> {
+    let Shape {
+        kv_heads,
+        group,
+        head_dim: hd,
+        block_size,
+        max_blocks,
+    } = shape;
+    let heads = kv_heads * group;
+    let mut out = vec![0f32; q.len()];
+    for (t, &ctx) in context_lens.iter().enumerate() {
+        for h in 0..heads {
+            let kvh = h / group;
+            let qrow = &q[(t * heads + h) * hd..][..hd];
+            let rows: Vec<usize> = (0..ctx as usize)
+                .map(|p| {
+                    let block = block_tables[t * max_blocks + p / block_size] as usize;
+                    ((block * block_size + p % block_size) * kv_heads + kvh) * hd
+                })
+                .collect();
+            let s: Vec<f64> = rows
+                .iter()
+                .map(|&r| {
+                    qrow.iter()
+                        .zip(&k_cache[r..r + hd])
+                        .map(|(a, b)| (*a * *b) as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = p.iter().sum();
+            for d in 0..hd {
+                let v: f64 = rows
+                    .iter()
+                    .zip(&p)
+                    .map(|(&r, &p)| p * v_cache[r + d] as f64)
+                    .sum();
+                out[(t * heads + h) * hd + d] = (v / z) as f32;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{client, fill, read, rel_err, upload, Elem};
+
+    fn check<F: Elem>(
+        kv_heads: usize,
+        group: usize,
+        head_dim: usize,
+        block_size: usize,
+        ctxs: &[u32],
+        tol: f64,
+    ) {
+        let c = client();
+        let tokens = ctxs.len();
+        let heads = kv_heads * group;
+        let max_ctx = *ctxs.iter().max().unwrap() as usize;
+        let max_blocks = max_ctx.div_ceil(block_size);
+        let num_blocks = tokens * max_blocks + 3;
+        // Each token's blocks: a shuffled, disjoint set of the pool.
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        ids.reverse();
+        ids.rotate_left(2);
+        let block_tables: Vec<u32> = (0..tokens * max_blocks).map(|i| ids[i]).collect();
+        let slots = num_blocks * block_size;
+        let q = fill(tokens * heads * head_dim, 11);
+        let k = fill(slots * kv_heads * head_dim, 12);
+        let v = fill(slots * kv_heads * head_dim, 13);
+        let shape = Shape {
+            kv_heads,
+            group,
+            head_dim,
+            block_size,
+            max_blocks,
+        };
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let out = upload::<F>(&c, &vec![f32::NAN; q.len()]);
+        let ws = Workspace::new(&c, tokens, heads, head_dim, max_ctx);
+        let bt = c.create_from_slice(u32::as_bytes(&block_tables));
+        let cl = c.create_from_slice(u32::as_bytes(ctxs));
+        launch::<_, F>(
+            &c,
+            shape,
+            tokens,
+            &upload::<F>(&c, &q),
+            &upload::<F>(&c, &k),
+            &upload::<F>(&c, &v),
+            &bt,
+            &cl,
+            &out,
+            &ws,
+            scale,
+        );
+        let (q, k, v) = (F::round_trip(&q), F::round_trip(&k), F::round_trip(&v));
+        let expected = reference(shape, &q, &k, &v, &block_tables, ctxs, scale);
+        let e = rel_err(&read::<F>(&c, out), &expected);
+        assert!(
+            e < tol,
+            "{} kvh {kv_heads} g {group} d {head_dim} bs {block_size} ctx {ctxs:?}: rel err {e}",
+            F::NAME
+        );
+    }
+
+    #[test]
+    fn one_split_ragged_contexts() {
+        check::<f32>(2, 4, 64, 16, &[1, 17, 100, 512], 1e-5);
+        check::<f32>(3, 3, 64, 16, &[33], 1e-5);
+    }
+
+    #[test]
+    fn several_splits_are_merged() {
+        check::<f32>(1, 2, 32, 16, &[513, 1300, 40], 1e-5);
+    }
+
+    #[test]
+    fn f16() {
+        check::<half::f16>(2, 4, 64, 16, &[700, 9], 3e-3);
+    }
+}
