@@ -2,9 +2,14 @@
 //! tests beside it. The tests run on wgpu (Mesa lavapipe on CPU-only machines); the same kernels
 //! run on CUDA in the engine and the GPU benchmarks.
 
+pub mod argmax;
+pub mod embedding;
+pub mod gemv;
+pub mod kv_write;
 pub mod paged_decode_attention;
 pub mod reduce;
 pub mod rms_norm;
+pub mod rope;
 pub mod silu_mul;
 
 #[cfg(test)]

@@ -4,15 +4,20 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use burn::tensor::backend::Backend;
+use burn::backend::Flex;
 
 use super::worker::{Command, Worker};
 use super::{Engine, EngineInfo, Inner};
 use crate::error::{Error, Result};
 use crate::kv::block_pool::BlockPool;
+use crate::loader::tokenizer::Tokenizer;
 use crate::loader::{open_model, ModelFiles};
+use crate::models::config::Config;
 use crate::models::llama::Llama;
+#[cfg(feature = "cuda")]
+use crate::models::llama_kernels::KernelLlama;
 use crate::runner::model_runner::ModelRunner;
+use crate::runner::Forward;
 use crate::scheduler::{Scheduler, SchedulerLimits};
 
 /// Where the model runs.
@@ -21,7 +26,7 @@ pub enum Device {
     /// Burn's `flex` CPU backend.
     #[default]
     Cpu,
-    /// CUDA GPU `n` (needs the `cuda` cargo feature).
+    /// CUDA GPU `n` (needs the `cuda` cargo feature): the forward runs on kiln's CubeCL kernels.
     Cuda(usize),
 }
 
@@ -138,29 +143,6 @@ impl EngineBuilder {
             }
         }
         let files = open_model(&path)?;
-        match self.device {
-            Device::Cpu => {
-                let device = burn::backend::flex::FlexDevice;
-                self.start::<burn::backend::Flex>(files, device, DType::F32)
-            }
-            #[cfg(feature = "cuda")]
-            Device::Cuda(n) => {
-                let device = burn::backend::cuda::CudaDevice::new(n);
-                self.start::<burn::backend::Cuda>(files, device, DType::BF16)
-            }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(Error::InvalidConfig(
-                "Device::Cuda needs kiln built with the `cuda` feature".into(),
-            )),
-        }
-    }
-
-    fn start<B: Backend>(
-        self,
-        files: ModelFiles,
-        device: B::Device,
-        default_dtype: DType,
-    ) -> Result<Engine> {
         let ModelFiles {
             config,
             weights,
@@ -170,16 +152,62 @@ impl EngineBuilder {
             path: weights.path().to_path_buf(),
             reason: "the model has no tokenizer (tokenizer.json)".into(),
         })?);
-        let dtype = self.dtype.unwrap_or(default_dtype).burn();
         // An explicit max_model_len beyond the KV cache is honoured: requests that would not
         // fit in the whole cache then fail with `KvCacheExhausted` instead of `PromptTooLong`.
         let max_model_len = self
             .max_model_len
             .unwrap_or_else(|| config.max_position_embeddings.min(self.kv_cache_tokens));
-        let model = Llama::<B>::load(&weights, &config, max_model_len, dtype, &device)?;
-        drop(weights);
         let num_blocks = self.kv_cache_tokens.div_ceil(self.block_size);
-        let runner = ModelRunner::new(model, num_blocks, self.block_size, dtype, &device);
+        let runner: Box<dyn Forward> = match self.device {
+            Device::Cpu => {
+                let device = burn::backend::flex::FlexDevice;
+                let dtype = self.dtype.unwrap_or(DType::F32).burn();
+                let model = Llama::<Flex>::load(&weights, &config, max_model_len, dtype, &device)?;
+                Box::new(ModelRunner::new(
+                    model,
+                    num_blocks,
+                    self.block_size,
+                    dtype,
+                    &device,
+                ))
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                use kiln_kernels::cubecl::cuda::{CudaDevice, CudaRuntime};
+                use kiln_kernels::cubecl::Runtime;
+                let client = CudaRuntime::client(&CudaDevice::new(n));
+                let (ml, bs) = (max_model_len, self.block_size);
+                match self.dtype.unwrap_or(DType::BF16) {
+                    DType::BF16 => Box::new(KernelLlama::<CudaRuntime, half::bf16>::load(
+                        client, &weights, &config, ml, num_blocks, bs,
+                    )?),
+                    DType::F16 => Box::new(KernelLlama::<CudaRuntime, half::f16>::load(
+                        client, &weights, &config, ml, num_blocks, bs,
+                    )?),
+                    DType::F32 => Box::new(KernelLlama::<CudaRuntime, f32>::load(
+                        client, &weights, &config, ml, num_blocks, bs,
+                    )?),
+                }
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => {
+                return Err(Error::InvalidConfig(
+                    "Device::Cuda needs kiln built with the `cuda` feature".into(),
+                ))
+            }
+        };
+        drop(weights);
+        self.start(runner, tokenizer, &config, max_model_len, num_blocks)
+    }
+
+    fn start(
+        self,
+        runner: Box<dyn Forward>,
+        tokenizer: Arc<Tokenizer>,
+        config: &Config,
+        max_model_len: usize,
+        num_blocks: usize,
+    ) -> Result<Engine> {
         let scheduler = Scheduler::new(
             BlockPool::new(num_blocks, self.block_size),
             SchedulerLimits {

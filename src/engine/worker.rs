@@ -6,14 +6,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use burn::tensor::backend::Backend;
-
 use super::request::{Chunk, FinishReason, SamplingParams};
 use super::stream::StreamSender;
 use crate::error::{Error, Result};
 use crate::loader::tokenizer::Tokenizer;
-use crate::runner::model_runner::ModelRunner;
 use crate::runner::sampler::Sampler;
+use crate::runner::Forward;
 use crate::scheduler::sequence::Sequence;
 use crate::scheduler::Scheduler;
 use crate::text::detokenizer::Detokenizer;
@@ -42,15 +40,15 @@ struct Active {
     stop_ids: Vec<u32>,
 }
 
-pub(crate) struct Worker<B: Backend> {
-    pub runner: ModelRunner<B>,
+pub(crate) struct Worker {
+    pub runner: Box<dyn Forward>,
     pub scheduler: Scheduler,
     pub tokenizer: Arc<Tokenizer>,
     active: HashMap<u64, Active>,
 }
 
-impl<B: Backend> Worker<B> {
-    pub fn new(runner: ModelRunner<B>, scheduler: Scheduler, tokenizer: Arc<Tokenizer>) -> Self {
+impl Worker {
+    pub fn new(runner: Box<dyn Forward>, scheduler: Scheduler, tokenizer: Arc<Tokenizer>) -> Self {
         Self {
             runner,
             scheduler,

@@ -3,6 +3,7 @@
 use burn::tensor::{backend::Backend, DType};
 
 use super::batch::Batch;
+use super::Forward;
 use crate::error::{Error, Result};
 use crate::models::llama::Llama;
 use crate::ops::attention::{PagedAttention, ReferenceAttention};
@@ -39,13 +40,14 @@ impl<B: Backend> ModelRunner<B> {
             attention: Box::new(ReferenceAttention),
         }
     }
+}
 
-    pub fn vocab_size(&self) -> usize {
+impl<B: Backend> Forward for ModelRunner<B> {
+    fn vocab_size(&self) -> usize {
         self.model.config().vocab_size
     }
 
-    /// One forward; returns `batch.logit_indices.len()` rows of `vocab_size` f32 logits.
-    pub fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>> {
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>> {
         let logits = self
             .model
             .forward(batch, &mut self.cache, self.attention.as_ref());

@@ -1,0 +1,266 @@
+//! Kernel micro-benchmarks on CUDA (run on the GPU machine): each kernel is first checked in bf16
+//! against its reference on fresh random data with a poisoned output, then timed; the table gives
+//! achieved bandwidth against the device's copy bandwidth ($KILN_COPY_GBPS, read + write; the
+//! floor's rate for these memory-bound kernels). JSON goes to $KILN_BENCH_JSON when set.
+//!
+//!     cargo bench -p kiln-kernels --features cuda --bench kernels   (on the GPU machine: the built binary)
+
+use std::time::Instant;
+
+use half::bf16;
+use kiln_kernels::cubecl::cuda::{CudaDevice, CudaRuntime};
+use kiln_kernels::cubecl::future::block_on;
+use kiln_kernels::cubecl::prelude::*;
+use kiln_kernels::cubecl::server::Handle;
+use kiln_kernels::{gemv, paged_decode_attention as pda, rms_norm, silu_mul};
+use rand::{Rng, SeedableRng};
+
+type R = CudaRuntime;
+
+struct Bench {
+    client: ComputeClient<R>,
+    rng: rand::rngs::StdRng,
+    rows: Vec<serde_json::Value>,
+    copy_gbps: f64,
+}
+
+impl Bench {
+    fn random(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| bf16::from_f32(self.rng.random_range(-1.0..1.0)).to_f32())
+            .collect()
+    }
+    fn upload(&self, v: &[f32]) -> Handle {
+        let b: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+        self.client.create_from_slice(bf16::as_bytes(&b))
+    }
+    fn poisoned(&self, n: usize) -> Handle {
+        self.upload(&vec![f32::NAN; n])
+    }
+    fn read(&self, h: Handle) -> Vec<f32> {
+        let bytes = self.client.read_one_unchecked(h);
+        bf16::from_bytes(&bytes)
+            .iter()
+            .map(|x| x.to_f32())
+            .collect()
+    }
+    fn sync(&self) {
+        block_on(self.client.sync()).expect("device sync");
+    }
+    /// Median seconds of `f` over `iters` runs (after warm-up), each synchronised.
+    fn time(&self, iters: usize, mut f: impl FnMut(usize)) -> f64 {
+        for i in 0..3 {
+            f(i);
+        }
+        self.sync();
+        let mut t: Vec<f64> = (0..iters)
+            .map(|i| {
+                let s = Instant::now();
+                f(i);
+                self.sync();
+                s.elapsed().as_secs_f64()
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    }
+    fn check(&self, name: &str, got: &[f32], want: &[f32], tol: f64) -> f64 {
+        let num: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+        let e = (num / den).sqrt();
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "{name}: unwritten or non-finite output"
+        );
+        assert!(e < tol, "{name}: relative error {e} over {tol}");
+        e
+    }
+    fn record(&mut self, kernel: &str, shape: String, secs: f64, bytes: f64, err: f64) {
+        let gbps = bytes / secs / 1e9;
+        println!(
+            "| {kernel:<22} | {shape:<34} | {:>9.1} | {:>8.0} | {:>5.1} % | {err:.1e} |",
+            secs * 1e6,
+            gbps,
+            100.0 * gbps / self.copy_gbps
+        );
+        self.rows.push(
+            serde_json::json!({"kernel": kernel, "shape": shape, "us": secs * 1e6,
+            "gb_per_s": gbps, "pct_of_copy": 100.0 * gbps / self.copy_gbps, "rel_err": err}),
+        );
+    }
+}
+
+fn bench_silu_mul(b: &mut Bench) {
+    for &(rows, cols) in &[(1usize, 14336usize), (64, 14336), (2048, 14336)] {
+        let x = b.random(rows * 2 * cols);
+        let xh = b.upload(&x);
+        let out = b.poisoned(rows * cols);
+        silu_mul::launch::<R, bf16>(&b.client, &xh, &out, rows, cols);
+        let err = b.check(
+            "silu_mul",
+            &b.read(out.clone()),
+            &silu_mul::reference(&x, cols),
+            2e-2,
+        );
+        let secs = b.time(50, |_| {
+            silu_mul::launch::<R, bf16>(&b.client, &xh, &out, rows, cols)
+        });
+        b.record(
+            "silu_mul",
+            format!("rows={rows} cols={cols}"),
+            secs,
+            (rows * cols * 3 * 2) as f64,
+            err,
+        );
+    }
+}
+
+fn bench_gemv(b: &mut Bench) {
+    for &(n, k) in &[
+        (14336usize, 4096usize),
+        (4096, 14336),
+        (6144, 4096),
+        (128256, 4096),
+    ] {
+        for &m in &[1usize, 4, 8] {
+            let x = b.random(m * k);
+            // Several weight copies so repeated runs stream from memory, not L2.
+            let copies = (400_000_000 / (n * k * 2)).clamp(1, 4);
+            let ws: Vec<Vec<f32>> = (0..copies).map(|_| b.random(n * k)).collect();
+            let wh: Vec<Handle> = ws.iter().map(|w| b.upload(w)).collect();
+            let xh = b.upload(&x);
+            let y = b.poisoned(m * n);
+            gemv::launch::<R, bf16>(&b.client, &xh, &wh[0], None, &y, m, n, k);
+            let got = b.read(y.clone());
+            let want = gemv::reference(&x, &ws[0], None, m, n, k);
+            let err = b.check("gemv", &got, &want, 1e-2);
+            let secs = b.time(20, |i| {
+                gemv::launch::<R, bf16>(&b.client, &xh, &wh[i % copies], None, &y, m, n, k)
+            });
+            let bytes = ((n * k + m * k + m * n) * 2) as f64;
+            b.record("gemv", format!("m={m} n={n} k={k}"), secs, bytes, err);
+        }
+    }
+}
+
+fn bench_decode_attention(b: &mut Bench) {
+    let (kv_heads, group, head_dim, block_size) = (8usize, 4usize, 128usize, 16usize);
+    for &(tokens, ctx) in &[(1usize, 8192usize), (1, 32768), (16, 2048), (64, 1000)] {
+        let heads = kv_heads * group;
+        let max_blocks = ctx.div_ceil(block_size);
+        let num_blocks = tokens * max_blocks;
+        let slots = num_blocks * block_size;
+        let q = b.random(tokens * heads * head_dim);
+        let k = b.random(slots * kv_heads * head_dim);
+        let v = b.random(slots * kv_heads * head_dim);
+        // Every token owns a shuffled set of blocks.
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..ids.len()).rev() {
+            let j = b.rng.random_range(0..=i);
+            ids.swap(i, j);
+        }
+        let ctxs: Vec<u32> = (0..tokens).map(|t| (ctx - t % 7) as u32).collect();
+        let shape = pda::Shape {
+            kv_heads,
+            group,
+            head_dim,
+            block_size,
+            max_blocks,
+        };
+        let (qh, kh, vh) = (b.upload(&q), b.upload(&k), b.upload(&v));
+        let bt = b.client.create_from_slice(u32::as_bytes(&ids));
+        let cl = b.client.create_from_slice(u32::as_bytes(&ctxs));
+        let out = b.poisoned(q.len());
+        let ws = pda::Workspace::new(&b.client, tokens, heads, head_dim, ctx);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let run = |b: &Bench| {
+            pda::launch::<R, bf16>(
+                &b.client, shape, tokens, &qh, &kh, &vh, &bt, &cl, &out, &ws, scale,
+            )
+        };
+        run(b);
+        let got = b.read(out.clone());
+        let err = if tokens * ctx <= 64 * 1024 {
+            let want = pda::reference(shape, &q, &k, &v, &ids, &ctxs, scale);
+            b.check("paged_decode_attention", &got, &want, 2e-2)
+        } else {
+            assert!(
+                got.iter().all(|x| x.is_finite()),
+                "attention: unwritten output"
+            );
+            f64::NAN
+        };
+        let secs = b.time(20, |_| run(b));
+        let keys: usize = ctxs.iter().map(|&c| c as usize).sum();
+        let bytes = (keys * kv_heads * head_dim * 2 * 2) as f64;
+        b.record(
+            "paged_decode_attention",
+            format!("tok={tokens} ctx={ctx} kvh=8 g=4 d=128"),
+            secs,
+            bytes,
+            err,
+        );
+    }
+}
+
+fn bench_rms_norm(b: &mut Bench) {
+    for &(rows, cols) in &[(1usize, 4096usize), (64, 4096), (4096, 4096)] {
+        let x = b.random(rows * cols);
+        let r = b.random(rows * cols);
+        let w = b.random(cols);
+        let (xh, rh, wh) = (b.upload(&x), b.upload(&r), b.upload(&w));
+        let out = b.poisoned(rows * cols);
+        rms_norm::launch::<R, bf16>(&b.client, &xh, Some(&rh), &wh, &out, rows, cols, 1e-5);
+        let mut r_ref = r.clone();
+        let want = rms_norm::reference(&x, Some(&mut r_ref), &w, cols, 1e-5);
+        let err = b.check("rms_norm", &b.read(out.clone()), &want, 2e-2);
+        let secs = b.time(50, |_| {
+            rms_norm::launch::<R, bf16>(&b.client, &xh, Some(&rh), &wh, &out, rows, cols, 1e-5)
+        });
+        // Reads input and residual, writes residual and output.
+        b.record(
+            "rms_norm+residual",
+            format!("rows={rows} cols={cols}"),
+            secs,
+            (rows * cols * 2 * 4) as f64,
+            err,
+        );
+    }
+}
+
+fn main() {
+    let client = R::client(&CudaDevice::new(0));
+    let mut b = Bench {
+        client,
+        rng: rand::rngs::StdRng::seed_from_u64(1),
+        rows: Vec::new(),
+        copy_gbps: 0.0,
+    };
+    // The device's copy bandwidth (bytes read + written), measured beside this run (torch).
+    b.copy_gbps = std::env::var("KILN_COPY_GBPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000.0);
+    println!(
+        "copy bandwidth used as the floor: {:.0} GB/s (read + write)\n",
+        b.copy_gbps
+    );
+    println!("| kernel                 | shape                              |   time µs |     GB/s | of copy | rel err |");
+    println!("|------------------------|------------------------------------|-----------|----------|---------|---------|");
+    bench_rms_norm(&mut b);
+    bench_silu_mul(&mut b);
+    bench_gemv(&mut b);
+    bench_decode_attention(&mut b);
+    if let Some(path) = std::env::var_os("KILN_BENCH_JSON") {
+        let json = serde_json::json!({"copy_gb_per_s": b.copy_gbps, "results": b.rows});
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&json).unwrap_or_default(),
+        )
+        .expect("write JSON");
+    }
+}

@@ -1,0 +1,183 @@
+//! Decode GEMV / skinny GEMM: `y[m, n] = Σ_k x[m, k] · w[n, k]` for a few rows of `x` against a
+//! row-major weight `[n, k]` (HF's `[out, in]`), the shape of every projection at decode.
+//!
+//! Decode is bound by reading the weight once, so each plane streams whole weight rows with
+//! vector loads (16 bytes where the device allows), keeps one f32 accumulator per row of `x`,
+//! and reduces with `plane_sum`; `x` is tiny and stays in cache.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::rms_norm::vector_size;
+
+/// Weight rows per cube: one per plane.
+const PLANES: u32 = 4;
+/// Rows of `x` one cube handles (its accumulators are registers).
+pub const M_TILE: usize = 8;
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_kernel<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    bias: &Array<F>,
+    y: &mut Array<F>,
+    m: usize,
+    n_out: usize,
+    k_vecs: usize,
+    #[comptime] m_tile: usize,
+    #[comptime] has_bias: bool,
+) {
+    let row =
+        CUBE_POS_X as usize * (CUBE_DIM_X / PLANE_DIM) as usize + (UNIT_POS / PLANE_DIM) as usize;
+    let m0 = CUBE_POS_Y as usize * m_tile;
+    if row >= n_out {
+        terminate!();
+    }
+    let lane = UNIT_POS_PLANE as usize;
+    let mut acc = Array::<f32>::new(m_tile);
+    #[unroll]
+    for r in 0..m_tile {
+        acc[r] = f32::new(0.0);
+    }
+    let w_row = row * k_vecs;
+    let mut i = lane;
+    while i < k_vecs {
+        let wv = Vector::<f32, N>::cast_from(w[w_row + i]);
+        #[unroll]
+        for r in 0..m_tile {
+            if m0 + r < m {
+                let p = wv * Vector::<f32, N>::cast_from(x[(m0 + r) * k_vecs + i]);
+                #[unroll]
+                for e in 0..N::value() {
+                    acc[r] += p[e];
+                }
+            }
+        }
+        i += PLANE_DIM as usize;
+    }
+    let b = if comptime![has_bias] {
+        f32::cast_from(bias[row])
+    } else {
+        f32::new(0.0)
+    };
+    #[unroll]
+    for r in 0..m_tile {
+        let total = plane_sum(acc[r]);
+        if lane == 0 && m0 + r < m {
+            y[(m0 + r) * n_out + row] = F::cast_from(total + b);
+        }
+    }
+}
+
+/// `y` `[m, n]` = `x` `[m, k]` · `w` `[n, k]`ᵀ (+ `bias` `[n]`).
+#[allow(clippy::too_many_arguments)]
+pub fn launch<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &Handle,
+    w: &Handle,
+    bias: Option<&Handle>,
+    y: &Handle,
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    let v = vector_size(client, size_of::<F>(), k);
+    let plane = client.properties().hardware.plane_size_max;
+    let m_tile = M_TILE.min(m.next_power_of_two());
+    let cubes_x = n.div_ceil(PLANES as usize) as u32;
+    let cubes_y = m.div_ceil(m_tile) as u32;
+    unsafe {
+        gemv_kernel::launch::<F, R>(
+            client,
+            CubeCount::Static(cubes_x, cubes_y, 1),
+            CubeDim::new_1d(plane * PLANES),
+            v,
+            ArrayArg::from_raw_parts(x.clone(), m * k / v),
+            ArrayArg::from_raw_parts(w.clone(), n * k / v),
+            // Unread without a bias: any valid buffer will do.
+            ArrayArg::from_raw_parts(bias.unwrap_or(y).clone(), n),
+            ArrayArg::from_raw_parts(y.clone(), m * n),
+            m,
+            n,
+            k / v,
+            m_tile,
+            bias.is_some(),
+        );
+    }
+}
+
+/// The plain reference.
+pub fn reference(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    for r in 0..m {
+        for c in 0..n {
+            let dot = (0..k)
+                .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
+                .sum::<f64>();
+            y[r * n + c] = (dot + bias.map_or(0.0, |b| b[c] as f64)) as f32;
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{client, fill, read, rel_err, upload, Elem};
+
+    fn check<F: Elem>(m: usize, n: usize, k: usize, with_bias: bool, tol: f64) {
+        let c = client();
+        let x = fill(m * k, 21);
+        let w = fill(n * k, 22);
+        let b = F::round_trip(&fill(n, 23));
+        let bh = upload::<F>(&c, &b);
+        let y = upload::<F>(&c, &vec![f32::NAN; m * n]);
+        launch::<_, F>(
+            &c,
+            &upload::<F>(&c, &x),
+            &upload::<F>(&c, &w),
+            with_bias.then_some(&bh),
+            &y,
+            m,
+            n,
+            k,
+        );
+        let expected = reference(
+            &F::round_trip(&x),
+            &F::round_trip(&w),
+            with_bias.then_some(&b[..]),
+            m,
+            n,
+            k,
+        );
+        let e = rel_err(&read::<F>(&c, y), &expected);
+        assert!(e < tol, "{} m {m} n {n} k {k}: rel err {e}", F::NAME);
+    }
+
+    #[test]
+    fn shapes_including_ragged() {
+        for (m, n, k) in [
+            (1, 64, 576),
+            (3, 130, 256),
+            (8, 33, 96),
+            (11, 17, 100),
+            (1, 5, 7),
+        ] {
+            check::<f32>(m, n, k, false, 1e-5);
+            check::<f32>(m, n, k, true, 1e-5);
+        }
+    }
+
+    #[test]
+    fn f16() {
+        check::<half::f16>(2, 96, 1024, true, 2e-3);
+    }
+}

@@ -1,0 +1,339 @@
+//! The Llama-family forward (same architectures as `llama.rs`) on kiln's own CubeCL kernels,
+//! launched directly on device buffers: no Burn ops and no fusion layer on the hot path.
+//! Generic over the CubeCL runtime (CUDA in the engine, wgpu in CI) and the element type.
+//!
+//! Per layer: RMSNorm(+residual) → Q/K/V GEMVs (+bias) → [Q/K RMSNorm] → RoPE → KV write →
+//! paged attention → O GEMV → RMSNorm(+residual) → gate-up GEMV → SiLU·mul → down GEMV.
+//! Every token of the flat batch attends as a query of its own (context = its position + 1),
+//! so prefill and decode share one path; logits are computed for the sampled rows only.
+
+use std::marker::PhantomData;
+
+use kiln_kernels::cubecl::prelude::*;
+use kiln_kernels::cubecl::server::Handle;
+use kiln_kernels::{
+    embedding, gemv, kv_write, paged_decode_attention as attention, rms_norm, rope, silu_mul,
+};
+
+use super::config::Config;
+use crate::error::{Error, Result};
+use crate::loader::weights::Weights;
+use crate::ops::rope::inv_freqs;
+use crate::runner::batch::Batch;
+use crate::runner::Forward;
+
+struct Proj {
+    /// `[out, in]`, row-major (HF layout: one weight row per output).
+    w: Handle,
+    b: Option<Handle>,
+    out: usize,
+    inp: usize,
+}
+
+struct Layer {
+    attn_norm: Handle,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
+    q_norm: Option<Handle>,
+    k_norm: Option<Handle>,
+    ffn_norm: Handle,
+    /// Gate rows then up rows: `[2 · intermediate, hidden]`.
+    gate_up: Proj,
+    down: Proj,
+}
+
+/// A model's weights and KV pool on a CubeCL device.
+pub struct KernelLlama<R: Runtime, F: Float + CubeElement> {
+    client: ComputeClient<R>,
+    config: Config,
+    embed: Handle,
+    lm_head: Handle,
+    norm: Handle,
+    layers: Vec<Layer>,
+    cos: Handle,
+    sin: Handle,
+    max_positions: usize,
+    k_cache: Vec<Handle>,
+    v_cache: Vec<Handle>,
+    block_size: usize,
+    _elem: PhantomData<F>,
+}
+
+impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
+    /// Uploads the weights and allocates a KV pool of `num_blocks` blocks of `block_size` tokens.
+    pub fn load(
+        client: ComputeClient<R>,
+        weights: &Weights,
+        config: &Config,
+        max_positions: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self> {
+        let c = config;
+        let up = |v: &[f32]| -> Handle {
+            let data: Vec<F> = v.iter().map(|&x| F::new(x)).collect();
+            client.create_from_slice(F::as_bytes(&data))
+        };
+        let tensor = |name: &str, shape: &[usize]| -> Result<Handle> {
+            Ok(up(&weights.tensor(name, shape, c)?.data))
+        };
+        let proj = |prefix: &str, inp: usize, out: usize, bias: bool| -> Result<Proj> {
+            Ok(Proj {
+                w: tensor(&format!("{prefix}.weight"), &[out, inp])?,
+                b: if bias {
+                    Some(tensor(&format!("{prefix}.bias"), &[out])?)
+                } else {
+                    None
+                },
+                out,
+                inp,
+            })
+        };
+        let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let gate = weights.tensor(&format!("{p}.mlp.gate_proj.weight"), &[inter, h], c)?;
+            let upw = weights.tensor(&format!("{p}.mlp.up_proj.weight"), &[inter, h], c)?;
+            let gate_up = [gate.data, upw.data].concat();
+            let norm = |n: &str, dim: usize| tensor(&format!("{p}.{n}.weight"), &[dim]);
+            layers.push(Layer {
+                attn_norm: norm("input_layernorm", h)?,
+                q: proj(
+                    &format!("{p}.self_attn.q_proj"),
+                    h,
+                    c.num_heads * hd,
+                    c.qkv_bias,
+                )?,
+                k: proj(
+                    &format!("{p}.self_attn.k_proj"),
+                    h,
+                    c.num_kv_heads * hd,
+                    c.qkv_bias,
+                )?,
+                v: proj(
+                    &format!("{p}.self_attn.v_proj"),
+                    h,
+                    c.num_kv_heads * hd,
+                    c.qkv_bias,
+                )?,
+                o: proj(&format!("{p}.self_attn.o_proj"), c.num_heads * hd, h, false)?,
+                q_norm: c
+                    .qk_norm
+                    .then(|| norm("self_attn.q_norm", hd))
+                    .transpose()?,
+                k_norm: c
+                    .qk_norm
+                    .then(|| norm("self_attn.k_norm", hd))
+                    .transpose()?,
+                ffn_norm: norm("post_attention_layernorm", h)?,
+                gate_up: Proj {
+                    w: up(&gate_up),
+                    b: None,
+                    out: 2 * inter,
+                    inp: h,
+                },
+                down: proj(&format!("{p}.mlp.down_proj"), inter, h, false)?,
+            });
+        }
+        let embed = tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings || !weights.has("lm_head.weight") {
+            embed.clone()
+        } else {
+            tensor("lm_head.weight", &[c.vocab_size, h])?
+        };
+        let freqs = inv_freqs(c);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in 0..max_positions {
+            for f in &freqs {
+                let angle = (p as f32 * *f as f32) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let kv_bytes = num_blocks * block_size * c.num_kv_heads * hd * size_of::<F>();
+        let cache = || {
+            (0..c.num_layers)
+                .map(|_| client.empty(kv_bytes))
+                .collect::<Vec<_>>()
+        };
+        Ok(Self {
+            embed,
+            lm_head,
+            norm: tensor("model.norm.weight", &[h])?,
+            layers,
+            cos: client.create_from_slice(f32::as_bytes(&cos)),
+            sin: client.create_from_slice(f32::as_bytes(&sin)),
+            max_positions,
+            k_cache: cache(),
+            v_cache: cache(),
+            block_size,
+            config: config.clone(),
+            client,
+            _elem: PhantomData,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn gemv(&self, x: &Handle, p: &Proj, rows: usize) -> Handle {
+        let y = self.client.empty(rows * p.out * size_of::<F>());
+        gemv::launch::<R, F>(&self.client, x, &p.w, p.b.as_ref(), &y, rows, p.out, p.inp);
+        y
+    }
+
+    fn u32s(&self, v: &[u32]) -> Handle {
+        self.client.create_from_slice(u32::as_bytes(v))
+    }
+}
+
+impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    /// One forward over the flat batch; returns f32 logits, one row per `batch.logit_indices`.
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let cl = &self.client;
+        let t = batch.num_tokens();
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (heads, kvh) = (c.num_heads, c.num_kv_heads);
+        let es = size_of::<F>();
+        if let Some(&p) = batch.positions.iter().find(|&&p| p >= self.max_positions) {
+            return Err(Error::Device(format!(
+                "position {p} beyond the RoPE table ({})",
+                self.max_positions
+            )));
+        }
+
+        // Per-token attention metadata: each token is a query over its sequence's first pos + 1 keys.
+        let max_blocks = batch
+            .seqs
+            .iter()
+            .map(|s| s.block_table.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut tables = vec![0u32; t * max_blocks];
+        let mut ctx = vec![0u32; t];
+        for s in &batch.seqs {
+            for i in s.start..s.start + s.len {
+                tables[i * max_blocks..][..s.block_table.len()].copy_from_slice(&s.block_table);
+                ctx[i] = batch.positions[i] as u32 + 1;
+            }
+        }
+        let max_ctx = ctx.iter().copied().max().unwrap_or(1) as usize;
+        let ids: Vec<u32> = batch.token_ids.clone();
+        let positions: Vec<u32> = batch.positions.iter().map(|&p| p as u32).collect();
+        let slots: Vec<u32> = batch.slot_mapping.iter().map(|&s| s as u32).collect();
+        let (ids, positions, slots) = (self.u32s(&ids), self.u32s(&positions), self.u32s(&slots));
+        let (tables, ctx) = (self.u32s(&tables), self.u32s(&ctx));
+        let ws = attention::Workspace::new(cl, t, heads, hd, max_ctx);
+        let shape = attention::Shape {
+            kv_heads: kvh,
+            group: heads / kvh,
+            head_dim: hd,
+            block_size: self.block_size,
+            max_blocks,
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let eps = c.rms_norm_eps as f32;
+
+        // The residual stream, and the normalized input of the next block.
+        let residual = cl.empty(t * h * es);
+        embedding::launch::<R, F>(cl, &self.embed, &ids, &residual, t, h);
+        let normed = cl.empty(t * h * es);
+        let mut pending: Option<Handle> = None; // block output not yet added to the residual
+        for (i, layer) in self.layers.iter().enumerate() {
+            rms_norm::launch::<R, F>(
+                cl,
+                pending.as_ref().unwrap_or(&residual),
+                pending.as_ref().map(|_| &residual),
+                &layer.attn_norm,
+                &normed,
+                t,
+                h,
+                eps,
+            );
+            let q = self.gemv(&normed, &layer.q, t);
+            let k = self.gemv(&normed, &layer.k, t);
+            let v = self.gemv(&normed, &layer.v, t);
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                rms_norm::launch::<R, F>(cl, &q, None, qn, &q, t * heads, hd, eps);
+                rms_norm::launch::<R, F>(cl, &k, None, kn, &k, t * kvh, hd, eps);
+            }
+            rope::launch::<R, F>(
+                cl, &q, &k, &positions, &self.cos, &self.sin, t, heads, kvh, hd,
+            );
+            kv_write::launch::<R, F>(
+                cl,
+                &k,
+                &v,
+                &self.k_cache[i],
+                &self.v_cache[i],
+                &slots,
+                t,
+                kvh * hd,
+            );
+            let attn = cl.empty(t * heads * hd * es);
+            attention::launch::<R, F>(
+                cl,
+                shape,
+                t,
+                &q,
+                &self.k_cache[i],
+                &self.v_cache[i],
+                &tables,
+                &ctx,
+                &attn,
+                &ws,
+                scale,
+            );
+            let o = self.gemv(&attn, &layer.o, t);
+            rms_norm::launch::<R, F>(cl, &o, Some(&residual), &layer.ffn_norm, &normed, t, h, eps);
+            let gu = self.gemv(&normed, &layer.gate_up, t);
+            let act = cl.empty(t * c.intermediate_size * es);
+            silu_mul::launch::<R, F>(cl, &gu, &act, t, c.intermediate_size);
+            pending = Some(self.gemv(&act, &layer.down, t));
+        }
+        rms_norm::launch::<R, F>(
+            cl,
+            pending.as_ref().unwrap_or(&residual),
+            pending.as_ref().map(|_| &residual),
+            &self.norm,
+            &normed,
+            t,
+            h,
+            eps,
+        );
+        let n = batch.logit_indices.len();
+        let rows: Vec<u32> = batch.logit_indices.iter().map(|&i| i as u32).collect();
+        let picked = cl.empty(n.max(1) * h * es);
+        embedding::launch::<R, F>(cl, &normed, &self.u32s(&rows), &picked, n, h);
+        let logits = cl.empty(n.max(1) * c.vocab_size * es);
+        gemv::launch::<R, F>(
+            cl,
+            &picked,
+            &self.lm_head,
+            None,
+            &logits,
+            n,
+            c.vocab_size,
+            h,
+        );
+        let bytes = cl
+            .read_one(logits)
+            .map_err(|e| Error::Device(format!("reading logits: {e:?}")))?;
+        let mut out: Vec<f32> = F::from_bytes(&bytes)
+            .iter()
+            .map(|x| x.to_f32().unwrap_or(f32::NAN))
+            .collect();
+        out.truncate(n * c.vocab_size);
+        Ok(out)
+    }
+}
