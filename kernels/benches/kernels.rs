@@ -47,18 +47,21 @@ impl Bench {
     fn sync(&self) {
         block_on(self.client.sync()).expect("device sync");
     }
-    /// Median seconds of `f` over `iters` runs (after warm-up), each synchronised.
+    /// Seconds per launch of `f`: `iters` launches back to back between two syncs (as the engine
+    /// issues them), median of 5 such runs, after a warm-up.
     fn time(&self, iters: usize, mut f: impl FnMut(usize)) -> f64 {
         for i in 0..3 {
             f(i);
         }
         self.sync();
-        let mut t: Vec<f64> = (0..iters)
-            .map(|i| {
+        let mut t: Vec<f64> = (0..5)
+            .map(|_| {
                 let s = Instant::now();
-                f(i);
+                for i in 0..iters {
+                    f(i);
+                }
                 self.sync();
-                s.elapsed().as_secs_f64()
+                s.elapsed().as_secs_f64() / iters as f64
             })
             .collect();
         t.sort_by(f64::total_cmp);
@@ -175,7 +178,7 @@ fn bench_decode_attention(b: &mut Bench) {
         let bt = b.client.create_from_slice(u32::as_bytes(&ids));
         let cl = b.client.create_from_slice(u32::as_bytes(&ctxs));
         let out = b.poisoned(q.len());
-        let ws = pda::Workspace::new(&b.client, tokens, heads, head_dim, ctx);
+        let ws = pda::Workspace::new(&b.client, tokens, kv_heads, heads, head_dim, ctx);
         let scale = 1.0 / (head_dim as f32).sqrt();
         let run = |b: &Bench| {
             pda::launch::<R, bf16>(

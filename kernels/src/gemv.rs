@@ -41,7 +41,30 @@ fn gemv_kernel<F: Float, N: Size>(
         acc[r] = f32::new(0.0);
     }
     let w_row = row * k_vecs;
+    let step = PLANE_DIM as usize;
+    // Four independent weight loads in flight per lane before their products are needed.
     let mut i = lane;
+    while i + 3 * step < k_vecs {
+        let w0 = Vector::<f32, N>::cast_from(w[w_row + i]);
+        let w1 = Vector::<f32, N>::cast_from(w[w_row + i + step]);
+        let w2 = Vector::<f32, N>::cast_from(w[w_row + i + 2 * step]);
+        let w3 = Vector::<f32, N>::cast_from(w[w_row + i + 3 * step]);
+        #[unroll]
+        for r in 0..m_tile {
+            if m0 + r < m {
+                let xr = (m0 + r) * k_vecs + i;
+                let p = w0 * Vector::<f32, N>::cast_from(x[xr])
+                    + w1 * Vector::<f32, N>::cast_from(x[xr + step])
+                    + w2 * Vector::<f32, N>::cast_from(x[xr + 2 * step])
+                    + w3 * Vector::<f32, N>::cast_from(x[xr + 3 * step]);
+                #[unroll]
+                for e in 0..N::value() {
+                    acc[r] += p[e];
+                }
+            }
+        }
+        i += 4 * step;
+    }
     while i < k_vecs {
         let wv = Vector::<f32, N>::cast_from(w[w_row + i]);
         #[unroll]
@@ -54,7 +77,7 @@ fn gemv_kernel<F: Float, N: Size>(
                 }
             }
         }
-        i += PLANE_DIM as usize;
+        i += step;
     }
     let b = if comptime![has_bias] {
         f32::cast_from(bias[row])

@@ -12,12 +12,26 @@ use cubecl::server::Handle;
 
 use crate::reduce::{cube_max, cube_sum};
 
-/// Keys one split covers (its scores live in shared memory: group × SPLIT_KEYS f32).
-pub const SPLIT_KEYS: usize = 512;
+/// Keys one split covers at most (its scores live in shared memory: group × split f32).
+const MAX_SPLIT_KEYS: usize = 512;
+const MIN_SPLIT_KEYS: usize = 64;
+/// Cubes worth launching before splits get shorter (a few per multiprocessor).
+const TARGET_CUBES: usize = 512;
 /// Upper bound on planes per cube, for the reductions' shared memory (head_dim ≤ 256, plane ≥ 4).
 const MAX_PLANES: usize = 64;
 
-/// Shapes fixed at compile time so that the loops over heads and dimensions unroll.
+/// Keys per split: long enough to amortise the merge, short enough to fill the device.
+pub fn split_keys(tokens: usize, kv_heads: usize, max_context: usize) -> usize {
+    let mut split = MAX_SPLIT_KEYS;
+    while split > MIN_SPLIT_KEYS && tokens * kv_heads * max_context.div_ceil(split) < TARGET_CUBES {
+        split /= 2;
+    }
+    split
+}
+
+/// The attention's shape. All but `max_blocks` are compile-time constants of the kernel (the
+/// loops over heads and dimensions unroll); `max_blocks` changes as sequences grow, so it is
+/// a runtime argument and never triggers a recompilation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Shape {
     pub kv_heads: usize,
@@ -31,10 +45,10 @@ pub struct Shape {
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn split_kernel<F: Float>(
+fn split_kernel<F: Float, N: Size>(
     q: &Array<F>,
-    k_cache: &Array<F>,
-    v_cache: &Array<F>,
+    k_cache: &Array<Vector<F, N>>,
+    v_cache: &Array<Vector<F, N>>,
     block_tables: &Array<u32>,
     context_lens: &Array<u32>,
     out: &mut Array<F>,
@@ -42,54 +56,67 @@ fn split_kernel<F: Float>(
     part_ml: &mut Array<f32>,
     scale: f32,
     max_splits: usize,
+    max_blocks: usize,
     #[comptime] kv_heads: usize,
     #[comptime] group: usize,
     #[comptime] head_dim: usize,
     #[comptime] block_size: usize,
-    #[comptime] max_blocks: usize,
+    #[comptime] split_keys: usize,
+    #[comptime] vec: usize,
 ) {
     let token = CUBE_POS_X as usize;
     let kvh = CUBE_POS_Y as usize;
     let split = CUBE_POS_Z as usize;
     let ctx = context_lens[token] as usize;
-    let first = split * SPLIT_KEYS;
+    let first = split * split_keys;
     // Uniform across the cube: the whole cube leaves together.
     if first >= ctx {
         terminate!();
     }
-    let n_keys = usize::min(SPLIT_KEYS, ctx - first);
+    let n_keys = usize::min(split_keys, ctx - first);
     let heads = kv_heads * group;
+    let vecs = head_dim / N::value();
 
     let mut q_s = SharedMemory::<f32>::new(group * head_dim);
-    let mut scores = SharedMemory::<f32>::new(group * SPLIT_KEYS);
-    let d = UNIT_POS as usize;
+    let mut scores = SharedMemory::<f32>::new(group * split_keys);
+    // Offset (in vectors) of each key's K/V row, found once through the block table.
+    let mut rows = SharedMemory::<u32>::new(split_keys);
+    let tid = UNIT_POS as usize;
     #[unroll]
     for g in 0..group {
-        q_s[g * head_dim + d] = f32::cast_from(q[(token * heads + kvh * group + g) * head_dim + d]);
+        q_s[g * head_dim + tid] = f32::cast_from(q[(token * heads + kvh * group + g) * head_dim + tid]);
     }
-    sync_cube();
-
-    // Scores: each unit takes keys d, d + head_dim, ...
-    let mut kk = d;
+    let mut kk = tid;
     while kk < n_keys {
         let pos = first + kk;
         let block = block_tables[token * max_blocks + pos / block_size] as usize;
-        let row = ((block * block_size + pos % block_size) * kv_heads + kvh) * head_dim;
+        rows[kk] = (((block * block_size + pos % block_size) * kv_heads + kvh) * vecs) as u32;
+        kk += head_dim;
+    }
+    sync_cube();
+
+    // Scores: each unit takes keys tid, tid + head_dim, ..., reading K rows in vectors.
+    let mut kk = tid;
+    while kk < n_keys {
+        let row = rows[kk] as usize;
         let mut dots = Array::<f32>::new(group);
         #[unroll]
         for g in 0..group {
             dots[g] = f32::new(0.0);
         }
-        for i in 0..head_dim {
-            let kv = f32::cast_from(k_cache[row + i]);
+        for i in 0..vecs {
+            let kv = Vector::<f32, N>::cast_from(k_cache[row + i]);
             #[unroll]
-            for g in 0..group {
-                dots[g] += q_s[g * head_dim + i] * kv;
+            for e in 0..N::value() {
+                #[unroll]
+                for g in 0..group {
+                    dots[g] += q_s[g * head_dim + i * N::value() + e] * kv[e];
+                }
             }
         }
         #[unroll]
         for g in 0..group {
-            scores[g * SPLIT_KEYS + kk] = dots[g] * scale;
+            scores[g * split_keys + kk] = dots[g] * scale;
         }
         kk += head_dim;
     }
@@ -101,17 +128,17 @@ fn split_kernel<F: Float>(
     #[unroll]
     for g in 0..group {
         let mut m = f32::new(-3.0e38);
-        let mut kk = d;
+        let mut kk = tid;
         while kk < n_keys {
-            m = f32::max(m, scores[g * SPLIT_KEYS + kk]);
+            m = f32::max(m, scores[g * split_keys + kk]);
             kk += head_dim;
         }
         let m = cube_max(m, MAX_PLANES);
         let mut s = f32::new(0.0);
-        let mut kk = d;
+        let mut kk = tid;
         while kk < n_keys {
-            let p = f32::exp(scores[g * SPLIT_KEYS + kk] - m);
-            scores[g * SPLIT_KEYS + kk] = p;
+            let p = f32::exp(scores[g * split_keys + kk] - m);
+            scores[g * split_keys + kk] = p;
             s += p;
             kk += head_dim;
         }
@@ -120,33 +147,51 @@ fn split_kernel<F: Float>(
     }
     sync_cube();
 
-    // P·V: unit d owns output dimension d of every head in the group.
-    let mut acc = Array::<f32>::new(group);
+    // P·V: `vecs` units share a V row (one vector each); the cube's units form
+    // head_dim / vecs key groups that walk the keys side by side.
+    let lane = tid % vecs;
+    let key_groups = head_dim / vecs;
+    let kg = tid / vecs;
+    let mut acc = Array::<Vector<f32, N>>::new(group);
     #[unroll]
     for g in 0..group {
-        acc[g] = f32::new(0.0);
+        acc[g] = Vector::new(0.0);
     }
-    for kk in 0..n_keys {
-        let pos = first + kk;
-        let block = block_tables[token * max_blocks + pos / block_size] as usize;
-        let row = ((block * block_size + pos % block_size) * kv_heads + kvh) * head_dim;
-        let v = f32::cast_from(v_cache[row + d]);
+    let mut kk = kg;
+    while kk < n_keys {
+        let v = Vector::<f32, N>::cast_from(v_cache[rows[kk] as usize + lane]);
         #[unroll]
         for g in 0..group {
-            acc[g] += scores[g * SPLIT_KEYS + kk] * v;
+            acc[g] += v * Vector::new(scores[g * split_keys + kk]);
         }
+        kk += key_groups;
     }
-
-    let n_splits = ctx.div_ceil(SPLIT_KEYS);
+    // Sum the key groups' partials: [key group][head][dim] in shared memory.
+    // `vec` (= N) key groups.
+    let mut red = SharedMemory::<f32>::new(vec * group * head_dim);
     #[unroll]
     for g in 0..group {
+        #[unroll]
+        for e in 0..N::value() {
+            red[(kg * group + g) * head_dim + lane * N::value() + e] = acc[g][e];
+        }
+    }
+    sync_cube();
+
+    let n_splits = ctx.div_ceil(split_keys);
+    #[unroll]
+    for g in 0..group {
+        let mut total = f32::new(0.0);
+        for j in 0..key_groups {
+            total += red[(j * group + g) * head_dim + tid];
+        }
         let h = kvh * group + g;
         if n_splits == 1 {
-            out[(token * heads + h) * head_dim + d] = F::cast_from(acc[g] / sums[g]);
+            out[(token * heads + h) * head_dim + tid] = F::cast_from(total / sums[g]);
         } else {
             let at = (token * heads + h) * max_splits + split;
-            part_acc[at * head_dim + d] = acc[g];
-            if d == 0 {
+            part_acc[at * head_dim + tid] = total;
+            if tid == 0 {
                 part_ml[at * 2] = maxes[g];
                 part_ml[at * 2 + 1] = sums[g];
             }
@@ -164,10 +209,11 @@ fn combine_kernel<F: Float>(
     max_splits: usize,
     #[comptime] heads: usize,
     #[comptime] head_dim: usize,
+    #[comptime] split_keys: usize,
 ) {
     let token = CUBE_POS_X as usize;
     let h = CUBE_POS_Y as usize;
-    let n_splits = (context_lens[token] as usize).div_ceil(SPLIT_KEYS);
+    let n_splits = (context_lens[token] as usize).div_ceil(split_keys);
     if n_splits <= 1 {
         terminate!();
     }
@@ -192,6 +238,7 @@ pub struct Workspace {
     pub acc: Handle,
     pub ml: Handle,
     pub max_splits: usize,
+    pub split_keys: usize,
 }
 
 impl Workspace {
@@ -199,16 +246,19 @@ impl Workspace {
     pub fn new<R: Runtime>(
         client: &ComputeClient<R>,
         tokens: usize,
+        kv_heads: usize,
         heads: usize,
         head_dim: usize,
         max_context: usize,
     ) -> Self {
-        let max_splits = max_context.div_ceil(SPLIT_KEYS).max(1);
+        let split_keys = split_keys(tokens, kv_heads, max_context);
+        let max_splits = max_context.div_ceil(split_keys).max(1);
         let n = tokens * heads * max_splits;
         Self {
             acc: client.empty(n * head_dim * 4),
             ml: client.empty(n * 2 * 4),
             max_splits,
+            split_keys,
         }
     }
 }
@@ -238,16 +288,23 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
         max_blocks,
     } = shape;
     let heads = kv_heads * group;
-    let slots_len = k_cache.size() as usize / size_of::<F>();
+    // Vectors of up to 16 bytes that split a head evenly, with at most head_dim lanes per row.
+    let v = client
+        .io_optimized_vector_sizes(size_of::<F>())
+        .filter(|&v| head_dim.is_multiple_of(v) && (head_dim / v) <= head_dim)
+        .max()
+        .unwrap_or(1);
+    let cache_vecs = k_cache.size() as usize / size_of::<F>() / v;
     let arr = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
     let n_part = tokens * heads * ws.max_splits;
     split_kernel::launch::<F, R>(
         client,
         CubeCount::Static(tokens as u32, kv_heads as u32, ws.max_splits as u32),
         CubeDim::new_1d(head_dim as u32),
+        v,
         arr(q, tokens * heads * head_dim),
-        arr(k_cache, slots_len),
-        arr(v_cache, slots_len),
+        arr(k_cache, cache_vecs),
+        arr(v_cache, cache_vecs),
         arr(block_tables, tokens * max_blocks),
         arr(context_lens, tokens),
         arr(out, tokens * heads * head_dim),
@@ -255,11 +312,13 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
         arr(&ws.ml, n_part * 2),
         scale,
         ws.max_splits,
+        max_blocks,
         kv_heads,
         group,
         head_dim,
         block_size,
-        max_blocks,
+        ws.split_keys,
+        v,
     );
     if ws.max_splits > 1 {
         combine_kernel::launch::<F, R>(
@@ -273,6 +332,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
             ws.max_splits,
             heads,
             head_dim,
+            ws.split_keys,
         );
     }
 }
@@ -370,7 +430,7 @@ mod tests {
         };
         let scale = 1.0 / (head_dim as f32).sqrt();
         let out = upload::<F>(&c, &vec![f32::NAN; q.len()]);
-        let ws = Workspace::new(&c, tokens, heads, head_dim, max_ctx);
+        let ws = Workspace::new(&c, tokens, kv_heads, heads, head_dim, max_ctx);
         let bt = c.create_from_slice(u32::as_bytes(&block_tables));
         let cl = c.create_from_slice(u32::as_bytes(ctxs));
         launch::<_, F>(

@@ -233,7 +233,7 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
         let slots: Vec<u32> = batch.slot_mapping.iter().map(|&s| s as u32).collect();
         let (ids, positions, slots) = (self.u32s(&ids), self.u32s(&positions), self.u32s(&slots));
         let (tables, ctx) = (self.u32s(&tables), self.u32s(&ctx));
-        let ws = attention::Workspace::new(cl, t, heads, hd, max_ctx);
+        let ws = attention::Workspace::new(cl, t, kvh, heads, hd, max_ctx);
         let shape = attention::Shape {
             kv_heads: kvh,
             group: heads / kvh,

@@ -1,0 +1,157 @@
+//! End-to-end checks and benchmarks of the CUDA engine (run on the GPU machine):
+//!
+//!     engine check --model DIR --cases CASES.json --out LOGITS.f32
+//!         For each case, prefill its prompt ids and then feed its reference tokens one decode
+//!         step at a time (teacher forcing), writing every step's f32 logits (raw, little-endian,
+//!         case-major) for the comparison script (scripts/gpu_e2e.py).
+//!     engine bench --model DIR [--prompt-len 512] [--gen 128] [--concurrency 1,64]
+//!         Serves random-token requests through `Engine` and prints TTFT, TPOT, P50/P95/P99
+//!         latency and throughput, as a markdown table and JSON ($KILN_BENCH_JSON).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use kiln::loader::open_model;
+use kiln::models::llama_kernels::KernelLlama;
+use kiln::runner::batch::Batch;
+use kiln::runner::Forward;
+use kiln::{Device, Engine, Request, SamplingParams};
+use kiln_kernels::cubecl::cuda::{CudaDevice, CudaRuntime};
+use kiln_kernels::cubecl::Runtime;
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+fn check(args: &[String]) {
+    let model = PathBuf::from(arg(args, "--model").expect("--model"));
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(arg(args, "--cases").expect("--cases")).expect("cases file")).expect("JSON");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(arg(args, "--out").expect("--out")).expect("out file"));
+    let files = open_model(&model).expect("model");
+    let block = 16;
+    let t0 = Instant::now();
+    let client = CudaRuntime::client(&CudaDevice::new(0));
+    let mut m = KernelLlama::<CudaRuntime, half::bf16>::load(client, &files.weights, &files.config, 4096, 256, block).expect("load");
+    eprintln!("loaded in {:.1?}", t0.elapsed());
+    for case in cases["cases"].as_array().expect("cases") {
+        let ids = |k: &str| -> Vec<u32> { case[k].as_array().expect(k).iter().map(|v| v.as_u64().expect("id") as u32).collect() };
+        let (prompt, reference) = (ids("prompt_ids"), ids("reference_tokens"));
+        let table: Vec<u32> = (0..256).rev().collect();
+        let mut batch = Batch::default();
+        batch.push_seq(&prompt, prompt.len(), &table, block, true);
+        let t = Instant::now();
+        let mut logits = m.forward(&batch).expect("prefill");
+        let prefill = t.elapsed();
+        let t = Instant::now();
+        for (i, &tok) in reference.iter().enumerate().take(reference.len() - 1) {
+            for x in &logits {
+                out.write_all(&x.to_le_bytes()).expect("write");
+            }
+            let ctx = prompt.len() + i + 1;
+            let mut batch = Batch::default();
+            batch.push_seq(&[tok], ctx, &table, block, true);
+            logits = m.forward(&batch).expect("decode");
+        }
+        eprintln!(
+            "prompt {}: prefill {prefill:.2?}, decode {:.2?} per step (incl. writing logits)",
+            prompt.len(),
+            t.elapsed() / (reference.len() - 1) as u32
+        );
+        for x in &logits {
+            out.write_all(&x.to_le_bytes()).expect("write");
+        }
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn bench(args: &[String]) {
+    let model = PathBuf::from(arg(args, "--model").expect("--model"));
+    let prompt_len: usize = arg(args, "--prompt-len").map_or(512, |v| v.parse().expect("number"));
+    let gen: usize = arg(args, "--gen").map_or(128, |v| v.parse().expect("number"));
+    let levels: Vec<usize> = arg(args, "--concurrency")
+        .unwrap_or_else(|| "1".into())
+        .split(',')
+        .map(|v| v.parse().expect("number"))
+        .collect();
+    let max_c = *levels.iter().max().expect("a level");
+    let t0 = Instant::now();
+    let engine = Engine::builder()
+        .model(&model)
+        .device(Device::Cuda(0))
+        .max_num_seqs(max_c)
+        .kv_cache_tokens((max_c * (prompt_len + gen)).max(4096))
+        .build()
+        .expect("engine");
+    eprintln!("engine built in {:.1?}", t0.elapsed());
+    let vocab = engine.info().vocab_size as u32;
+    let mut json = Vec::new();
+    println!("| concurrency | prompt | gen | TTFT P50 ms | TPOT P50 ms | latency P50/P95/P99 s | output tok/s | req/s |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for &c in &levels {
+        let start = Instant::now();
+        let streams: Vec<_> = (0..c)
+            .map(|r| {
+                let ids: Vec<u32> = (0..prompt_len as u32).map(|i| (i * 7919 + r as u32 * 104_729) % vocab).collect();
+                let p = SamplingParams { max_tokens: gen, ignore_eos: true, ..SamplingParams::greedy() };
+                engine.stream(Request::from_tokens(ids).sampling(p)).expect("request")
+            })
+            .collect();
+        let handles: Vec<_> = streams
+            .into_iter()
+            .map(|s| {
+                std::thread::spawn(move || {
+                    let begin = Instant::now();
+                    let mut times = Vec::new();
+                    for chunk in s {
+                        chunk.expect("chunk");
+                        times.push(begin.elapsed().as_secs_f64());
+                    }
+                    times
+                })
+            })
+            .collect();
+        let per_req: Vec<Vec<f64>> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
+        let wall = start.elapsed().as_secs_f64();
+        let mut ttft: Vec<f64> = per_req.iter().map(|t| t[0]).collect();
+        let mut tpot: Vec<f64> = per_req.iter().map(|t| (t[t.len() - 1] - t[0]) / (t.len() - 1).max(1) as f64).collect();
+        let mut lat: Vec<f64> = per_req.iter().map(|t| t[t.len() - 1]).collect();
+        let tokens: usize = per_req.iter().map(Vec::len).sum();
+        let row = serde_json::json!({
+            "concurrency": c, "prompt_len": prompt_len, "gen": gen,
+            "ttft_p50_ms": percentile(&mut ttft, 0.5) * 1e3,
+            "tpot_p50_ms": percentile(&mut tpot, 0.5) * 1e3,
+            "latency_p50_s": percentile(&mut lat, 0.5), "latency_p95_s": percentile(&mut lat, 0.95),
+            "latency_p99_s": percentile(&mut lat, 0.99),
+            "output_tok_per_s": tokens as f64 / wall, "req_per_s": c as f64 / wall,
+        });
+        println!(
+            "| {c} | {prompt_len} | {gen} | {:.1} | {:.2} | {:.2}/{:.2}/{:.2} | {:.0} | {:.2} |",
+            row["ttft_p50_ms"].as_f64().unwrap_or(0.0),
+            row["tpot_p50_ms"].as_f64().unwrap_or(0.0),
+            row["latency_p50_s"].as_f64().unwrap_or(0.0),
+            row["latency_p95_s"].as_f64().unwrap_or(0.0),
+            row["latency_p99_s"].as_f64().unwrap_or(0.0),
+            row["output_tok_per_s"].as_f64().unwrap_or(0.0),
+            row["req_per_s"].as_f64().unwrap_or(0.0),
+        );
+        json.push(row);
+    }
+    if let Some(path) = std::env::var_os("KILN_BENCH_JSON") {
+        std::fs::write(path, serde_json::to_string_pretty(&json).unwrap_or_default()).expect("write JSON");
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("check") => check(&args),
+        Some("bench") => bench(&args),
+        _ => eprintln!("usage: engine check|bench --model DIR ... (see the file's header)"),
+    }
+}
