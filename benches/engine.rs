@@ -21,22 +21,44 @@ use kiln_kernels::cubecl::cuda::{CudaDevice, CudaRuntime};
 use kiln_kernels::cubecl::Runtime;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 fn check(args: &[String]) {
     let model = PathBuf::from(arg(args, "--model").expect("--model"));
-    let cases: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(arg(args, "--cases").expect("--cases")).expect("cases file")).expect("JSON");
-    let mut out = std::io::BufWriter::new(std::fs::File::create(arg(args, "--out").expect("--out")).expect("out file"));
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(arg(args, "--cases").expect("--cases")).expect("cases file"),
+    )
+    .expect("JSON");
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(arg(args, "--out").expect("--out")).expect("out file"),
+    );
     let files = open_model(&model).expect("model");
     let block = 16;
     let t0 = Instant::now();
     let client = CudaRuntime::client(&CudaDevice::new(0));
-    let mut m = KernelLlama::<CudaRuntime, half::bf16>::load(client, &files.weights, &files.config, 4096, 256, block).expect("load");
+    let mut m = KernelLlama::<CudaRuntime, half::bf16>::load(
+        client,
+        &files.weights,
+        &files.config,
+        4096,
+        256,
+        block,
+    )
+    .expect("load");
     eprintln!("loaded in {:.1?}", t0.elapsed());
     for case in cases["cases"].as_array().expect("cases") {
-        let ids = |k: &str| -> Vec<u32> { case[k].as_array().expect(k).iter().map(|v| v.as_u64().expect("id") as u32).collect() };
+        let ids = |k: &str| -> Vec<u32> {
+            case[k]
+                .as_array()
+                .expect(k)
+                .iter()
+                .map(|v| v.as_u64().expect("id") as u32)
+                .collect()
+        };
         let (prompt, reference) = (ids("prompt_ids"), ids("reference_tokens"));
         let table: Vec<u32> = (0..256).rev().collect();
         let mut batch = Batch::default();
@@ -90,6 +112,28 @@ fn bench(args: &[String]) {
         .expect("engine");
     eprintln!("engine built in {:.1?}", t0.elapsed());
     let vocab = engine.info().vocab_size as u32;
+    // Warm-up: compile every kernel variant a run meets (prefill and decode shapes) untimed.
+    for c in [1, max_c] {
+        let warm: Vec<_> = (0..c)
+            .map(|r| {
+                let ids: Vec<u32> = (0..prompt_len as u32)
+                    .map(|i| (i * 31 + r as u32) % vocab)
+                    .collect();
+                let p = SamplingParams {
+                    max_tokens: 40,
+                    ignore_eos: true,
+                    ..SamplingParams::greedy()
+                };
+                engine
+                    .stream(Request::from_tokens(ids).sampling(p))
+                    .expect("request")
+            })
+            .collect();
+        for s in warm {
+            s.into_completion().expect("warm-up");
+        }
+    }
+    eprintln!("warmed up");
     let mut json = Vec::new();
     println!("| concurrency | prompt | gen | TTFT P50 ms | TPOT P50 ms | latency P50/P95/P99 s | output tok/s | req/s |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -97,9 +141,17 @@ fn bench(args: &[String]) {
         let start = Instant::now();
         let streams: Vec<_> = (0..c)
             .map(|r| {
-                let ids: Vec<u32> = (0..prompt_len as u32).map(|i| (i * 7919 + r as u32 * 104_729) % vocab).collect();
-                let p = SamplingParams { max_tokens: gen, ignore_eos: true, ..SamplingParams::greedy() };
-                engine.stream(Request::from_tokens(ids).sampling(p)).expect("request")
+                let ids: Vec<u32> = (0..prompt_len as u32)
+                    .map(|i| (i * 7919 + r as u32 * 104_729) % vocab)
+                    .collect();
+                let p = SamplingParams {
+                    max_tokens: gen,
+                    ignore_eos: true,
+                    ..SamplingParams::greedy()
+                };
+                engine
+                    .stream(Request::from_tokens(ids).sampling(p))
+                    .expect("request")
             })
             .collect();
         let handles: Vec<_> = streams
@@ -116,10 +168,16 @@ fn bench(args: &[String]) {
                 })
             })
             .collect();
-        let per_req: Vec<Vec<f64>> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
+        let per_req: Vec<Vec<f64>> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect();
         let wall = start.elapsed().as_secs_f64();
         let mut ttft: Vec<f64> = per_req.iter().map(|t| t[0]).collect();
-        let mut tpot: Vec<f64> = per_req.iter().map(|t| (t[t.len() - 1] - t[0]) / (t.len() - 1).max(1) as f64).collect();
+        let mut tpot: Vec<f64> = per_req
+            .iter()
+            .map(|t| (t[t.len() - 1] - t[0]) / (t.len() - 1).max(1) as f64)
+            .collect();
         let mut lat: Vec<f64> = per_req.iter().map(|t| t[t.len() - 1]).collect();
         let tokens: usize = per_req.iter().map(Vec::len).sum();
         let row = serde_json::json!({
@@ -143,7 +201,11 @@ fn bench(args: &[String]) {
         json.push(row);
     }
     if let Some(path) = std::env::var_os("KILN_BENCH_JSON") {
-        std::fs::write(path, serde_json::to_string_pretty(&json).unwrap_or_default()).expect("write JSON");
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&json).unwrap_or_default(),
+        )
+        .expect("write JSON");
     }
 }
 

@@ -2,7 +2,7 @@
 model shapes (the GPU machine has no hub access). Run there from the repository root, with the
 stripped bench binary at .bin/engine:
 
-    python3 scripts/gpu_e2e.py llama-3.1-8b [qwen2.5-7b qwen3-0.6b] [--bench]
+    python3 scripts/gpu_e2e.py llama-3.1-8b [qwen2.5-7b qwen3-0.6b] [--bench] [--no-check]
 
 For each shape: builds the model in bf16 with seeded random weights, saves it as safetensors
 (with a stand-in word-level tokenizer.json), has transformers generate 33 greedy tokens for 4
@@ -109,7 +109,12 @@ def check(name):
 if __name__ == "__main__":
     names = [a for a in sys.argv[1:] if not a.startswith("--")]
     for name in names:
-        d = check(name)
+        if "--no-check" in sys.argv:  # only save the model, for --bench
+            model, d, _ = build(name)
+            del model
+            torch.cuda.empty_cache()
+        else:
+            d = check(name)
         if "--bench" in sys.argv:
             env = dict(os.environ, KILN_BENCH_JSON=os.path.join(OUT, f"bench-{name}.json"))
             subprocess.run([".bin/engine", "bench", "--model", d, "--concurrency", "1,16,64",

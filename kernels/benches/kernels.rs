@@ -12,7 +12,9 @@ use kiln_kernels::cubecl::cuda::{CudaDevice, CudaRuntime};
 use kiln_kernels::cubecl::future::block_on;
 use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::Handle;
-use kiln_kernels::{gemv, paged_decode_attention as pda, rms_norm, silu_mul};
+use kiln_kernels::{
+    argmax, embedding, gemv, kv_write, paged_decode_attention as pda, rms_norm, rope, silu_mul,
+};
 use rand::{Rng, SeedableRng};
 
 type R = CudaRuntime;
@@ -22,6 +24,8 @@ struct Bench {
     rng: rand::rngs::StdRng,
     rows: Vec<serde_json::Value>,
     copy_gbps: f64,
+    /// Small shapes, one timed launch: for runs under compute-sanitizer ($KILN_SANITIZE).
+    quick: bool,
 }
 
 impl Bench {
@@ -50,6 +54,7 @@ impl Bench {
     /// Seconds per launch of `f`: `iters` launches back to back between two syncs (as the engine
     /// issues them), median of 5 such runs, after a warm-up.
     fn time(&self, iters: usize, mut f: impl FnMut(usize)) -> f64 {
+        let iters = if self.quick { 1 } else { iters };
         for i in 0..3 {
             f(i);
         }
@@ -98,7 +103,12 @@ impl Bench {
 }
 
 fn bench_silu_mul(b: &mut Bench) {
-    for &(rows, cols) in &[(1usize, 14336usize), (64, 14336), (2048, 14336)] {
+    let shapes: &[(usize, usize)] = if b.quick {
+        &[(3, 1000)]
+    } else {
+        &[(1, 14336), (64, 14336), (2048, 14336)]
+    };
+    for &(rows, cols) in shapes {
         let x = b.random(rows * 2 * cols);
         let xh = b.upload(&x);
         let out = b.poisoned(rows * cols);
@@ -123,12 +133,12 @@ fn bench_silu_mul(b: &mut Bench) {
 }
 
 fn bench_gemv(b: &mut Bench) {
-    for &(n, k) in &[
-        (14336usize, 4096usize),
-        (4096, 14336),
-        (6144, 4096),
-        (128256, 4096),
-    ] {
+    let shapes: &[(usize, usize)] = if b.quick {
+        &[(300, 520)]
+    } else {
+        &[(14336, 4096), (4096, 14336), (6144, 4096), (128256, 4096)]
+    };
+    for &(n, k) in shapes {
         for &m in &[1usize, 4, 8] {
             let x = b.random(m * k);
             // Several weight copies so repeated runs stream from memory, not L2.
@@ -150,9 +160,58 @@ fn bench_gemv(b: &mut Bench) {
     }
 }
 
+/// The GEMV's cube shape: planes per cube × rows each plane walks, on the decode-critical shape.
+fn sweep_gemv(b: &mut Bench) {
+    let (m, n, k) = (1usize, 14336usize, 4096usize);
+    let x = b.random(m * k);
+    let ws: Vec<Vec<f32>> = (0..3).map(|_| b.random(n * k)).collect();
+    let wh: Vec<Handle> = ws.iter().map(|w| b.upload(w)).collect();
+    let xh = b.upload(&x);
+    let want = gemv::reference(&x, &ws[0], None, m, n, k);
+    for &(planes, rows) in &[
+        (4u32, 1usize),
+        (8, 1),
+        (2, 1),
+        (4, 2),
+        (4, 4),
+        (8, 4),
+        (4, 8),
+    ] {
+        let y = b.poisoned(m * n);
+        gemv::launch_tuned::<R, bf16>(&b.client, &xh, &wh[0], None, &y, m, n, k, planes, rows);
+        let err = b.check("gemv sweep", &b.read(y.clone()), &want, 1e-2);
+        let secs = b.time(30, |i| {
+            gemv::launch_tuned::<R, bf16>(
+                &b.client,
+                &xh,
+                &wh[i % 3],
+                None,
+                &y,
+                m,
+                n,
+                k,
+                planes,
+                rows,
+            )
+        });
+        b.record(
+            "gemv (planes×rows)",
+            format!("{planes}×{rows} m=1 n={n} k={k}"),
+            secs,
+            ((n * k + k + n) * 2) as f64,
+            err,
+        );
+    }
+}
+
 fn bench_decode_attention(b: &mut Bench) {
     let (kv_heads, group, head_dim, block_size) = (8usize, 4usize, 128usize, 16usize);
-    for &(tokens, ctx) in &[(1usize, 8192usize), (1, 32768), (16, 2048), (64, 1000)] {
+    let shapes: &[(usize, usize)] = if b.quick {
+        &[(1, 700), (3, 90)]
+    } else {
+        &[(1, 8192), (1, 32768), (16, 2048), (64, 1000)]
+    };
+    for &(tokens, ctx) in shapes {
         let heads = kv_heads * group;
         let max_blocks = ctx.div_ceil(block_size);
         let num_blocks = tokens * max_blocks;
@@ -211,7 +270,12 @@ fn bench_decode_attention(b: &mut Bench) {
 }
 
 fn bench_rms_norm(b: &mut Bench) {
-    for &(rows, cols) in &[(1usize, 4096usize), (64, 4096), (4096, 4096)] {
+    let shapes: &[(usize, usize)] = if b.quick {
+        &[(3, 4096)]
+    } else {
+        &[(1, 4096), (64, 4096), (4096, 4096)]
+    };
+    for &(rows, cols) in shapes {
         let x = b.random(rows * cols);
         let r = b.random(rows * cols);
         let w = b.random(cols);
@@ -235,6 +299,118 @@ fn bench_rms_norm(b: &mut Bench) {
     }
 }
 
+/// RoPE, KV write, embedding gather and argmax at decode-step sizes (Llama-3.1-8B shapes).
+fn bench_step_kernels(b: &mut Bench) {
+    let (tokens, heads, kvh, hd) = (if b.quick { 5 } else { 64 }, 32usize, 8usize, 128usize);
+    // RoPE
+    let half = hd / 2;
+    let max_pos = 4096;
+    let cos: Vec<f32> = (0..max_pos * half)
+        .map(|j| ((j / half) as f32 * 0.01 * (j % half) as f32).cos())
+        .collect();
+    let sin: Vec<f32> = (0..max_pos * half)
+        .map(|j| ((j / half) as f32 * 0.01 * (j % half) as f32).sin())
+        .collect();
+    let positions: Vec<u32> = (0..tokens as u32)
+        .map(|t| t * 61 % max_pos as u32)
+        .collect();
+    let (mut q, mut k) = (b.random(tokens * heads * hd), b.random(tokens * kvh * hd));
+    let (qh, kh) = (b.upload(&q), b.upload(&k));
+    let ph = b.client.create_from_slice(u32::as_bytes(&positions));
+    let (ch, sh) = (
+        b.client.create_from_slice(f32::as_bytes(&cos)),
+        b.client.create_from_slice(f32::as_bytes(&sin)),
+    );
+    rope::launch::<R, bf16>(&b.client, &qh, &kh, &ph, &ch, &sh, tokens, heads, kvh, hd);
+    rope::reference(&mut q, &positions, &cos, &sin, heads, hd);
+    rope::reference(&mut k, &positions, &cos, &sin, kvh, hd);
+    let err = b
+        .check("rope q", &b.read(qh.clone()), &q, 1e-2)
+        .max(b.check("rope k", &b.read(kh.clone()), &k, 1e-2));
+    let secs = b.time(50, |_| {
+        rope::launch::<R, bf16>(&b.client, &qh, &kh, &ph, &ch, &sh, tokens, heads, kvh, hd)
+    });
+    b.record(
+        "rope",
+        format!("tok={tokens} h=32 kvh=8 d=128"),
+        secs,
+        ((tokens * (heads + kvh) * hd) * 2 * 2) as f64,
+        err,
+    );
+    // KV write
+    let slots_total = 4096;
+    let width = kvh * hd;
+    let (kn, vn) = (b.random(tokens * width), b.random(tokens * width));
+    let mut kc = b.random(slots_total * width);
+    let vc = b.random(slots_total * width);
+    let slots: Vec<u32> = (0..tokens as u32)
+        .map(|t| (t * 37 + 5) % slots_total as u32)
+        .collect();
+    let (kch, vch) = (b.upload(&kc), b.upload(&vc));
+    let slh = b.client.create_from_slice(u32::as_bytes(&slots));
+    let (knh, vnh) = (b.upload(&kn), b.upload(&vn));
+    kv_write::launch::<R, bf16>(&b.client, &knh, &vnh, &kch, &vch, &slh, tokens, width);
+    kv_write::reference(&kn, &mut kc, &slots, width);
+    let err = b.check("kv_write", &b.read(kch.clone()), &kc, 1e-6);
+    let secs = b.time(50, |_| {
+        kv_write::launch::<R, bf16>(&b.client, &knh, &vnh, &kch, &vch, &slh, tokens, width)
+    });
+    b.record(
+        "kv_write",
+        format!("tok={tokens} width={width}"),
+        secs,
+        (tokens * width * 2 * 2 * 2) as f64,
+        err,
+    );
+    // Embedding gather
+    let (vocab, hidden) = (if b.quick { 1000 } else { 128256 }, 4096usize);
+    let table = b.random(vocab * hidden);
+    let ids: Vec<u32> = (0..tokens as u32)
+        .map(|t| t * 7919 % vocab as u32)
+        .collect();
+    let (th, ih) = (
+        b.upload(&table),
+        b.client.create_from_slice(u32::as_bytes(&ids)),
+    );
+    let out = b.poisoned(tokens * hidden);
+    embedding::launch::<R, bf16>(&b.client, &th, &ih, &out, tokens, hidden);
+    let err = b.check(
+        "embedding",
+        &b.read(out.clone()),
+        &embedding::reference(&table, &ids, hidden),
+        1e-6,
+    );
+    let secs = b.time(50, |_| {
+        embedding::launch::<R, bf16>(&b.client, &th, &ih, &out, tokens, hidden)
+    });
+    b.record(
+        "embedding",
+        format!("tok={tokens} hidden={hidden}"),
+        secs,
+        (tokens * hidden * 2 * 2) as f64,
+        err,
+    );
+    // Argmax over logits rows
+    let logits = b.random(tokens * vocab);
+    let lh = b.upload(&logits);
+    let out = b
+        .client
+        .create_from_slice(u32::as_bytes(&vec![u32::MAX; tokens]));
+    argmax::launch::<R, bf16>(&b.client, &lh, &out, tokens, vocab);
+    let got = u32::from_bytes(&b.client.read_one_unchecked(out.clone())).to_vec();
+    assert_eq!(got, argmax::reference(&logits, vocab), "argmax");
+    let secs = b.time(50, |_| {
+        argmax::launch::<R, bf16>(&b.client, &lh, &out, tokens, vocab)
+    });
+    b.record(
+        "argmax",
+        format!("rows={tokens} vocab={vocab}"),
+        secs,
+        (tokens * vocab * 2) as f64,
+        0.0,
+    );
+}
+
 fn main() {
     let client = R::client(&CudaDevice::new(0));
     let mut b = Bench {
@@ -242,6 +418,7 @@ fn main() {
         rng: rand::rngs::StdRng::seed_from_u64(1),
         rows: Vec::new(),
         copy_gbps: 0.0,
+        quick: std::env::var_os("KILN_SANITIZE").is_some(),
     };
     // The device's copy bandwidth (bytes read + written), measured beside this run (torch).
     b.copy_gbps = std::env::var("KILN_COPY_GBPS")
@@ -256,7 +433,11 @@ fn main() {
     println!("|------------------------|------------------------------------|-----------|----------|---------|---------|");
     bench_rms_norm(&mut b);
     bench_silu_mul(&mut b);
+    bench_step_kernels(&mut b);
     bench_gemv(&mut b);
+    if !b.quick {
+        sweep_gemv(&mut b);
+    }
     bench_decode_attention(&mut b);
     if let Some(path) = std::env::var_os("KILN_BENCH_JSON") {
         let json = serde_json::json!({"copy_gb_per_s": b.copy_gbps, "results": b.rows});

@@ -10,8 +10,9 @@ use cubecl::server::Handle;
 
 use crate::rms_norm::vector_size;
 
-/// Weight rows per cube: one per plane.
+/// Planes per cube, and weight rows each plane walks.
 const PLANES: u32 = 4;
+const ROWS_PER_PLANE: usize = 1;
 /// Rows of `x` one cube handles (its accumulators are registers).
 pub const M_TILE: usize = 8;
 
@@ -25,70 +26,75 @@ fn gemv_kernel<F: Float, N: Size>(
     m: usize,
     n_out: usize,
     k_vecs: usize,
+    rows_per_plane: usize,
     #[comptime] m_tile: usize,
     #[comptime] has_bias: bool,
 ) {
-    let row =
-        CUBE_POS_X as usize * (CUBE_DIM_X / PLANE_DIM) as usize + (UNIT_POS / PLANE_DIM) as usize;
+    let planes = (CUBE_DIM_X / PLANE_DIM) as usize;
+    let first_row = CUBE_POS_X as usize * planes * rows_per_plane + (UNIT_POS / PLANE_DIM) as usize;
     let m0 = CUBE_POS_Y as usize * m_tile;
-    if row >= n_out {
-        terminate!();
-    }
     let lane = UNIT_POS_PLANE as usize;
-    let mut acc = Array::<f32>::new(m_tile);
-    #[unroll]
-    for r in 0..m_tile {
-        acc[r] = f32::new(0.0);
-    }
-    let w_row = row * k_vecs;
     let step = PLANE_DIM as usize;
-    // Four independent weight loads in flight per lane before their products are needed.
-    let mut i = lane;
-    while i + 3 * step < k_vecs {
-        let w0 = Vector::<f32, N>::cast_from(w[w_row + i]);
-        let w1 = Vector::<f32, N>::cast_from(w[w_row + i + step]);
-        let w2 = Vector::<f32, N>::cast_from(w[w_row + i + 2 * step]);
-        let w3 = Vector::<f32, N>::cast_from(w[w_row + i + 3 * step]);
-        #[unroll]
-        for r in 0..m_tile {
-            if m0 + r < m {
-                let xr = (m0 + r) * k_vecs + i;
-                let p = w0 * Vector::<f32, N>::cast_from(x[xr])
-                    + w1 * Vector::<f32, N>::cast_from(x[xr + step])
-                    + w2 * Vector::<f32, N>::cast_from(x[xr + 2 * step])
-                    + w3 * Vector::<f32, N>::cast_from(x[xr + 3 * step]);
+    // Each plane walks `rows_per_plane` rows, `planes` apart, so that a cube lives long enough
+    // to keep loads streaming.
+    for rr in 0..rows_per_plane {
+        let row = first_row + rr * planes;
+        if row < n_out {
+            let mut acc = Array::<f32>::new(m_tile);
+            #[unroll]
+            for r in 0..m_tile {
+                acc[r] = f32::new(0.0);
+            }
+            let w_row = row * k_vecs;
+            // Four independent weight loads in flight per lane before their products are needed.
+            let mut i = lane;
+            while i + 3 * step < k_vecs {
+                let w0 = Vector::<f32, N>::cast_from(w[w_row + i]);
+                let w1 = Vector::<f32, N>::cast_from(w[w_row + i + step]);
+                let w2 = Vector::<f32, N>::cast_from(w[w_row + i + 2 * step]);
+                let w3 = Vector::<f32, N>::cast_from(w[w_row + i + 3 * step]);
                 #[unroll]
-                for e in 0..N::value() {
-                    acc[r] += p[e];
+                for r in 0..m_tile {
+                    if m0 + r < m {
+                        let xr = (m0 + r) * k_vecs + i;
+                        let p = w0 * Vector::<f32, N>::cast_from(x[xr])
+                            + w1 * Vector::<f32, N>::cast_from(x[xr + step])
+                            + w2 * Vector::<f32, N>::cast_from(x[xr + 2 * step])
+                            + w3 * Vector::<f32, N>::cast_from(x[xr + 3 * step]);
+                        #[unroll]
+                        for e in 0..N::value() {
+                            acc[r] += p[e];
+                        }
+                    }
+                }
+                i += 4 * step;
+            }
+            while i < k_vecs {
+                let wv = Vector::<f32, N>::cast_from(w[w_row + i]);
+                #[unroll]
+                for r in 0..m_tile {
+                    if m0 + r < m {
+                        let p = wv * Vector::<f32, N>::cast_from(x[(m0 + r) * k_vecs + i]);
+                        #[unroll]
+                        for e in 0..N::value() {
+                            acc[r] += p[e];
+                        }
+                    }
+                }
+                i += step;
+            }
+            let b = if comptime![has_bias] {
+                f32::cast_from(bias[row])
+            } else {
+                f32::new(0.0)
+            };
+            #[unroll]
+            for r in 0..m_tile {
+                let total = plane_sum(acc[r]);
+                if lane == 0 && m0 + r < m {
+                    y[(m0 + r) * n_out + row] = F::cast_from(total + b);
                 }
             }
-        }
-        i += 4 * step;
-    }
-    while i < k_vecs {
-        let wv = Vector::<f32, N>::cast_from(w[w_row + i]);
-        #[unroll]
-        for r in 0..m_tile {
-            if m0 + r < m {
-                let p = wv * Vector::<f32, N>::cast_from(x[(m0 + r) * k_vecs + i]);
-                #[unroll]
-                for e in 0..N::value() {
-                    acc[r] += p[e];
-                }
-            }
-        }
-        i += step;
-    }
-    let b = if comptime![has_bias] {
-        f32::cast_from(bias[row])
-    } else {
-        f32::new(0.0)
-    };
-    #[unroll]
-    for r in 0..m_tile {
-        let total = plane_sum(acc[r]);
-        if lane == 0 && m0 + r < m {
-            y[(m0 + r) * n_out + row] = F::cast_from(total + b);
         }
     }
 }
@@ -105,16 +111,34 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     n: usize,
     k: usize,
 ) {
+    launch_tuned::<R, F>(client, x, w, bias, y, m, n, k, PLANES, ROWS_PER_PLANE);
+}
+
+/// [`launch`] with the cube's plane count and the rows each plane walks chosen by the caller
+/// (the benchmark sweeps them).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_tuned<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    x: &Handle,
+    w: &Handle,
+    bias: Option<&Handle>,
+    y: &Handle,
+    m: usize,
+    n: usize,
+    k: usize,
+    planes: u32,
+    rows_per_plane: usize,
+) {
     let v = vector_size(client, size_of::<F>(), k);
     let plane = client.properties().hardware.plane_size_max;
     let m_tile = M_TILE.min(m.next_power_of_two());
-    let cubes_x = n.div_ceil(PLANES as usize) as u32;
+    let cubes_x = n.div_ceil(planes as usize * rows_per_plane) as u32;
     let cubes_y = m.div_ceil(m_tile) as u32;
     unsafe {
         gemv_kernel::launch::<F, R>(
             client,
             CubeCount::Static(cubes_x, cubes_y, 1),
-            CubeDim::new_1d(plane * PLANES),
+            CubeDim::new_1d(plane * planes),
             v,
             ArrayArg::from_raw_parts(x.clone(), m * k / v),
             ArrayArg::from_raw_parts(w.clone(), n * k / v),
@@ -124,6 +148,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
             m,
             n,
             k / v,
+            rows_per_plane,
             m_tile,
             bias.is_some(),
         );
@@ -196,6 +221,32 @@ mod tests {
         ] {
             check::<f32>(m, n, k, false, 1e-5);
             check::<f32>(m, n, k, true, 1e-5);
+        }
+    }
+
+    #[test]
+    fn tuned_cube_shapes_agree() {
+        let c = client();
+        let (m, n, k) = (2, 37, 200);
+        let x = fill(m * k, 24);
+        let w = fill(n * k, 25);
+        let expected = reference(&x, &w, None, m, n, k);
+        for (planes, rows) in [(1, 1), (2, 3), (8, 4)] {
+            let y = upload::<f32>(&c, &vec![f32::NAN; m * n]);
+            launch_tuned::<_, f32>(
+                &c,
+                &upload::<f32>(&c, &x),
+                &upload::<f32>(&c, &w),
+                None,
+                &y,
+                m,
+                n,
+                k,
+                planes,
+                rows,
+            );
+            let e = rel_err(&read::<f32>(&c, y), &expected);
+            assert!(e < 1e-5, "planes {planes} rows {rows}: rel err {e}");
         }
     }
 

@@ -84,7 +84,8 @@ fn split_kernel<F: Float, N: Size>(
     let tid = UNIT_POS as usize;
     #[unroll]
     for g in 0..group {
-        q_s[g * head_dim + tid] = f32::cast_from(q[(token * heads + kvh * group + g) * head_dim + tid]);
+        q_s[g * head_dim + tid] =
+            f32::cast_from(q[(token * heads + kvh * group + g) * head_dim + tid]);
     }
     let mut kk = tid;
     while kk < n_keys {
