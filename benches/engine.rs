@@ -112,15 +112,15 @@ fn bench(args: &[String]) {
         .expect("engine");
     eprintln!("engine built in {:.1?}", t0.elapsed());
     let vocab = engine.info().vocab_size as u32;
-    // Warm-up: compile every kernel variant a run meets (prefill and decode shapes) untimed.
-    for c in [1, max_c] {
-        let warm: Vec<_> = (0..c)
+    // `c` greedy requests of `prompt_len` pseudo-random tokens (`salt` varies them), `n` out each.
+    let submit = |c: usize, salt: u32, n: usize| -> Vec<kiln::TokenStream> {
+        (0..c as u32)
             .map(|r| {
                 let ids: Vec<u32> = (0..prompt_len as u32)
-                    .map(|i| (i * 31 + r as u32) % vocab)
+                    .map(|i| (i * 7919 + r * 104_729 + salt) % vocab)
                     .collect();
                 let p = SamplingParams {
-                    max_tokens: 40,
+                    max_tokens: n,
                     ignore_eos: true,
                     ..SamplingParams::greedy()
                 };
@@ -128,8 +128,11 @@ fn bench(args: &[String]) {
                     .stream(Request::from_tokens(ids).sampling(p))
                     .expect("request")
             })
-            .collect();
-        for s in warm {
+            .collect()
+    };
+    // Warm-up: compile every kernel variant a run meets (prefill and decode shapes) untimed.
+    for c in [1, max_c] {
+        for s in submit(c, 1, 40) {
             s.into_completion().expect("warm-up");
         }
     }
@@ -139,21 +142,7 @@ fn bench(args: &[String]) {
     println!("|---|---|---|---|---|---|---|---|");
     for &c in &levels {
         let start = Instant::now();
-        let streams: Vec<_> = (0..c)
-            .map(|r| {
-                let ids: Vec<u32> = (0..prompt_len as u32)
-                    .map(|i| (i * 7919 + r as u32 * 104_729) % vocab)
-                    .collect();
-                let p = SamplingParams {
-                    max_tokens: gen,
-                    ignore_eos: true,
-                    ..SamplingParams::greedy()
-                };
-                engine
-                    .stream(Request::from_tokens(ids).sampling(p))
-                    .expect("request")
-            })
-            .collect();
+        let streams = submit(c, 0, gen);
         let handles: Vec<_> = streams
             .into_iter()
             .map(|s| {

@@ -18,7 +18,7 @@ use kiln_kernels::{
 use super::config::Config;
 use crate::error::{Error, Result};
 use crate::loader::weights::Weights;
-use crate::ops::rope::inv_freqs;
+use crate::ops::rope::cos_sin_tables;
 use crate::runner::batch::Batch;
 use crate::runner::Forward;
 
@@ -144,15 +144,7 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
         } else {
             tensor("lm_head.weight", &[c.vocab_size, h])?
         };
-        let freqs = inv_freqs(c);
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for p in 0..max_positions {
-            for f in &freqs {
-                let angle = (p as f32 * *f as f32) as f64;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
+        let (cos, sin) = cos_sin_tables(c, max_positions);
         let kv_bytes = num_blocks * block_size * c.num_kv_heads * hd * size_of::<F>();
         let cache = || {
             (0..c.num_layers)

@@ -11,7 +11,7 @@ pub struct Rope<B: Backend> {
 }
 
 /// The rotation frequency of each dimension pair, after scaling.
-pub fn inv_freqs(config: &Config) -> Vec<f64> {
+fn inv_freqs(config: &Config) -> Vec<f64> {
     let d = config.head_dim;
     (0..d / 2)
         .map(|i| {
@@ -45,20 +45,26 @@ pub fn inv_freqs(config: &Config) -> Vec<f64> {
         .collect()
 }
 
+/// Row-major `[max_positions, head_dim / 2]` cos and sin tables of the scaled frequencies.
+pub fn cos_sin_tables(config: &Config, max_positions: usize) -> (Vec<f32>, Vec<f32>) {
+    let freqs = inv_freqs(config);
+    let mut cos = Vec::with_capacity(max_positions * freqs.len());
+    let mut sin = Vec::with_capacity(max_positions * freqs.len());
+    for p in 0..max_positions {
+        for f in &freqs {
+            // f32 angle, as HF computes it, so long positions round the same way.
+            let angle = (p as f32 * *f as f32) as f64;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
 impl<B: Backend> Rope<B> {
     pub fn new(config: &Config, max_positions: usize, device: &B::Device) -> Self {
-        let freqs = inv_freqs(config);
-        let half = freqs.len();
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for p in 0..max_positions {
-            for f in &freqs {
-                // f32 angle, as HF computes it, so long positions round the same way.
-                let angle = (p as f32 * *f as f32) as f64;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
+        let half = config.head_dim / 2;
+        let (cos, sin) = cos_sin_tables(config, max_positions);
         let table = |v: Vec<f32>| {
             Tensor::from_data(
                 TensorData::new(v, [max_positions, half]),

@@ -41,3 +41,76 @@ pub fn read_json(name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(fixture(name)).expect("fixture exists");
     serde_json::from_str(&text).expect("fixture is JSON")
 }
+
+/// ‖a − b‖ / ‖b‖.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// Block size and a non-contiguous, out-of-order block table for the tiny models' checks:
+/// attention must follow the table.
+pub const TINY_BLOCK: usize = 4;
+pub const TINY_BLOCK_TABLE: [u32; 4] = [5, 1, 6, 3];
+/// KV blocks the tiny checks' caches need (the table's largest id + 1).
+pub const TINY_NUM_BLOCKS: usize = 8;
+
+/// Checks a forward on the tiny HF model `name` (tests/fixtures/tiny) against transformers'
+/// logits: a 7-token prefill with logits for every position, then one decode step per
+/// remaining prompt token through the paged cache; each row within 1e-4 relative error.
+pub fn check_tiny_logits(
+    name: &str,
+    mut forward: impl FnMut(&kiln::runner::batch::Batch) -> Vec<f32>,
+) {
+    use kiln::runner::batch::Batch;
+    let fixture = read_json(&format!("tiny/{name}/logits.json"));
+    let prompt: Vec<u32> = fixture["prompt"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let expected: Vec<Vec<f32>> = fixture["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect();
+    let vocab = expected[0].len();
+    let prefill = 7;
+    let mut batch = Batch::default();
+    batch.push_seq(
+        &prompt[..prefill],
+        prefill,
+        &TINY_BLOCK_TABLE,
+        TINY_BLOCK,
+        true,
+    );
+    batch.logit_indices = (0..prefill).collect();
+    for (i, row) in forward(&batch).chunks_exact(vocab).enumerate() {
+        let e = rel_err(row, &expected[i]);
+        assert!(e < 1e-4, "{name}: prefill position {i}: relative error {e}");
+    }
+    for pos in prefill..prompt.len() {
+        let mut batch = Batch::default();
+        batch.push_seq(
+            &prompt[pos..=pos],
+            pos + 1,
+            &TINY_BLOCK_TABLE,
+            TINY_BLOCK,
+            true,
+        );
+        let e = rel_err(&forward(&batch), &expected[pos]);
+        assert!(
+            e < 1e-4,
+            "{name}: decode position {pos}: relative error {e}"
+        );
+    }
+}
