@@ -6,6 +6,7 @@ pub mod argmax;
 pub mod embedding;
 pub mod gemv;
 pub mod kv_write;
+pub mod matmul;
 pub mod paged_decode_attention;
 pub mod reduce;
 pub mod rms_norm;

@@ -12,7 +12,8 @@ use std::marker::PhantomData;
 use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::Handle;
 use kiln_kernels::{
-    embedding, gemv, kv_write, paged_decode_attention as attention, rms_norm, rope, silu_mul,
+    embedding, gemv, kv_write, matmul, paged_decode_attention as attention, rms_norm, rope,
+    silu_mul,
 };
 
 use super::config::Config;
@@ -49,7 +50,7 @@ pub struct KernelLlama<R: Runtime, F: Float + CubeElement> {
     client: ComputeClient<R>,
     config: Config,
     embed: Handle,
-    lm_head: Handle,
+    lm_head: Proj,
     norm: Handle,
     layers: Vec<Layer>,
     cos: Handle,
@@ -139,10 +140,15 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
             });
         }
         let embed = tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let lm_head = if c.tie_word_embeddings || !weights.has("lm_head.weight") {
-            embed.clone()
-        } else {
-            tensor("lm_head.weight", &[c.vocab_size, h])?
+        let lm_head = Proj {
+            w: if c.tie_word_embeddings || !weights.has("lm_head.weight") {
+                embed.clone()
+            } else {
+                tensor("lm_head.weight", &[c.vocab_size, h])?
+            },
+            b: None,
+            out: c.vocab_size,
+            inp: h,
         };
         let (cos, sin) = cos_sin_tables(c, max_positions);
         let kv_bytes = num_blocks * block_size * c.num_kv_heads * hd * size_of::<F>();
@@ -172,10 +178,18 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
         &self.config
     }
 
-    fn gemv(&self, x: &Handle, p: &Proj, rows: usize) -> Handle {
+    /// `x` `[rows, p.inp]` through projection `p`: the GEMV while the weight read dominates,
+    /// the tensor-core GEMM beyond one GEMV tile of rows (bias projections stay on the GEMV,
+    /// which adds the bias itself).
+    fn project(&self, x: &Handle, p: &Proj, rows: usize) -> Result<Handle> {
         let y = self.client.empty(rows * p.out * size_of::<F>());
-        gemv::launch::<R, F>(&self.client, x, &p.w, p.b.as_ref(), &y, rows, p.out, p.inp);
-        y
+        if rows > gemv::M_TILE && p.b.is_none() {
+            matmul::launch::<R, F>(&self.client, x, &p.w, &y, rows, p.out, p.inp)
+                .map_err(Error::Device)?;
+        } else {
+            gemv::launch::<R, F>(&self.client, x, &p.w, p.b.as_ref(), &y, rows, p.out, p.inp);
+        }
+        Ok(y)
     }
 
     fn u32s(&self, v: &[u32]) -> Handle {
@@ -252,9 +266,9 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
                 h,
                 eps,
             );
-            let q = self.gemv(&normed, &layer.q, t);
-            let k = self.gemv(&normed, &layer.k, t);
-            let v = self.gemv(&normed, &layer.v, t);
+            let q = self.project(&normed, &layer.q, t)?;
+            let k = self.project(&normed, &layer.k, t)?;
+            let v = self.project(&normed, &layer.v, t)?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 rms_norm::launch::<R, F>(cl, &q, None, qn, &q, t * heads, hd, eps);
                 rms_norm::launch::<R, F>(cl, &k, None, kn, &k, t * kvh, hd, eps);
@@ -286,12 +300,12 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
                 &ws,
                 scale,
             );
-            let o = self.gemv(&attn, &layer.o, t);
+            let o = self.project(&attn, &layer.o, t)?;
             rms_norm::launch::<R, F>(cl, &o, Some(&residual), &layer.ffn_norm, &normed, t, h, eps);
-            let gu = self.gemv(&normed, &layer.gate_up, t);
+            let gu = self.project(&normed, &layer.gate_up, t)?;
             let act = cl.empty(t * c.intermediate_size * es);
             silu_mul::launch::<R, F>(cl, &gu, &act, t, c.intermediate_size);
-            pending = Some(self.gemv(&act, &layer.down, t));
+            pending = Some(self.project(&act, &layer.down, t)?);
         }
         rms_norm::launch::<R, F>(
             cl,
@@ -307,17 +321,7 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
         let rows: Vec<u32> = batch.logit_indices.iter().map(|&i| i as u32).collect();
         let picked = cl.empty(n.max(1) * h * es);
         embedding::launch::<R, F>(cl, &normed, &self.u32s(&rows), &picked, n, h);
-        let logits = cl.empty(n.max(1) * c.vocab_size * es);
-        gemv::launch::<R, F>(
-            cl,
-            &picked,
-            &self.lm_head,
-            None,
-            &logits,
-            n,
-            c.vocab_size,
-            h,
-        );
+        let logits = self.project(&picked, &self.lm_head, n.max(1))?;
         let bytes = cl
             .read_one(logits)
             .map_err(|e| Error::Device(format!("reading logits: {e:?}")))?;
