@@ -13,7 +13,8 @@ use kiln_kernels::cubecl::future::block_on;
 use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::Handle;
 use kiln_kernels::{
-    argmax, embedding, gemv, kv_write, paged_decode_attention as pda, rms_norm, rope, silu_mul,
+    argmax, embedding, gemv, kv_write, matmul, paged_decode_attention as pda, rms_norm, rope,
+    silu_mul,
 };
 use rand::{Rng, SeedableRng};
 
@@ -411,6 +412,40 @@ fn bench_step_kernels(b: &mut Bench) {
     );
 }
 
+/// Prefill GEMMs (cubek's matmul): achieved TFLOP/s; the ratio to torch's cuBLAS on the same
+/// shapes is printed by scripts/gpu-kernels.sh.
+fn bench_matmul(b: &mut Bench) {
+    let shapes: &[(usize, usize, usize)] = if b.quick {
+        &[(40, 96, 128)]
+    } else {
+        &[(512, 14336, 4096), (4096, 14336, 4096), (2048, 4096, 14336)]
+    };
+    for &(m, n, k) in shapes {
+        let x = b.random(m * k);
+        let w = b.random(n * k);
+        let (xh, wh) = (b.upload(&x), b.upload(&w));
+        let y = b.poisoned(m * n);
+        matmul::launch::<R, bf16>(&b.client, &xh, &wh, &y, m, n, k).expect("matmul");
+        let got = b.read(y.clone());
+        // Check a sample of rows against the f64 reference (the full product is slow on the host).
+        let rows = 4.min(m);
+        let want = gemv::reference(&x[..rows * k], &w, None, rows, n, k);
+        let err = b.check("matmul", &got[..rows * n], &want, 1e-2);
+        let secs = b.time(10, |_| {
+            matmul::launch::<R, bf16>(&b.client, &xh, &wh, &y, m, n, k).expect("matmul")
+        });
+        let tflops = 2.0 * (m * n * k) as f64 / secs / 1e12;
+        println!(
+            "| matmul (cubek, Auto)   | m={m} n={n} k={k} | {:>9.1} | {tflops:>6.0} TFLOP/s |",
+            secs * 1e6
+        );
+        b.rows.push(
+            serde_json::json!({"kernel": "matmul", "shape": format!("m={m} n={n} k={k}"),
+            "us": secs * 1e6, "tflops": tflops, "rel_err": err}),
+        );
+    }
+}
+
 fn main() {
     let client = R::client(&CudaDevice::new(0));
     let mut b = Bench {
@@ -434,6 +469,7 @@ fn main() {
     bench_rms_norm(&mut b);
     bench_silu_mul(&mut b);
     bench_step_kernels(&mut b);
+    bench_matmul(&mut b);
     bench_gemv(&mut b);
     if !b.quick {
         sweep_gemv(&mut b);
