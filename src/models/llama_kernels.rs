@@ -33,6 +33,9 @@ struct Proj {
 
 struct Layer {
     attn_norm: Handle,
+    /// Q, K and V rows in one weight `[(heads + 2·kv_heads)·head_dim, hidden]`: one GEMV at
+    /// decode. `q`, `k`, `v` are views into it, for batches whose outputs must stay apart.
+    qkv: Proj,
     q: Proj,
     k: Proj,
     v: Proj,
@@ -93,6 +96,41 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
             })
         };
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let es = size_of::<F>() as u64;
+        // The fused Q/K/V projection of layer `p`, and Q, K, V as views into its buffers.
+        let fused_qkv = |p: &str| -> Result<(Proj, [Proj; 3])> {
+            let outs = [c.num_heads * hd, c.num_kv_heads * hd, c.num_kv_heads * hd];
+            let (mut w, mut b) = (Vec::new(), Vec::new());
+            for (name, &out) in ["q_proj", "k_proj", "v_proj"].iter().zip(&outs) {
+                let prefix = format!("{p}.self_attn.{name}");
+                w.extend(
+                    weights
+                        .tensor(&format!("{prefix}.weight"), &[out, h], c)?
+                        .data,
+                );
+                if c.qkv_bias {
+                    b.extend(weights.tensor(&format!("{prefix}.bias"), &[out], c)?.data);
+                }
+            }
+            let fused = Proj {
+                w: up(&w),
+                b: c.qkv_bias.then(|| up(&b)),
+                out: outs.iter().sum(),
+                inp: h,
+            };
+            let view = |first: usize, out: usize| Proj {
+                w: fused.w.clone().offset_start((first * h) as u64 * es),
+                b: fused.b.clone().map(|b| b.offset_start(first as u64 * es)),
+                out,
+                inp: h,
+            };
+            let views = [
+                view(0, outs[0]),
+                view(outs[0], outs[1]),
+                view(outs[0] + outs[1], outs[2]),
+            ];
+            Ok((fused, views))
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
@@ -100,26 +138,13 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
             let upw = weights.tensor(&format!("{p}.mlp.up_proj.weight"), &[inter, h], c)?;
             let gate_up = [gate.data, upw.data].concat();
             let norm = |n: &str, dim: usize| tensor(&format!("{p}.{n}.weight"), &[dim]);
+            let (qkv, [q, k, v]) = fused_qkv(&p)?;
             layers.push(Layer {
                 attn_norm: norm("input_layernorm", h)?,
-                q: proj(
-                    &format!("{p}.self_attn.q_proj"),
-                    h,
-                    c.num_heads * hd,
-                    c.qkv_bias,
-                )?,
-                k: proj(
-                    &format!("{p}.self_attn.k_proj"),
-                    h,
-                    c.num_kv_heads * hd,
-                    c.qkv_bias,
-                )?,
-                v: proj(
-                    &format!("{p}.self_attn.v_proj"),
-                    h,
-                    c.num_kv_heads * hd,
-                    c.qkv_bias,
-                )?,
+                q,
+                k,
+                v,
+                qkv,
                 o: proj(&format!("{p}.self_attn.o_proj"), c.num_heads * hd, h, false)?,
                 q_norm: c
                     .qk_norm
@@ -266,9 +291,20 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
                 h,
                 eps,
             );
-            let q = self.project(&normed, &layer.q, t)?;
-            let k = self.project(&normed, &layer.k, t)?;
-            let v = self.project(&normed, &layer.v, t)?;
+            let (q, k, v) = if t == 1 {
+                // One token: the fused output is [q | k | v], so K and V are views into it.
+                let qkv = self.project(&normed, &layer.qkv, 1)?;
+                let (q_bytes, k_bytes) = ((layer.q.out * es) as u64, (layer.k.out * es) as u64);
+                let k = qkv.clone().offset_start(q_bytes);
+                let v = qkv.clone().offset_start(q_bytes + k_bytes);
+                (qkv, k, v)
+            } else {
+                (
+                    self.project(&normed, &layer.q, t)?,
+                    self.project(&normed, &layer.k, t)?,
+                    self.project(&normed, &layer.v, t)?,
+                )
+            };
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 rms_norm::launch::<R, F>(cl, &q, None, qn, &q, t * heads, hd, eps);
                 rms_norm::launch::<R, F>(cl, &k, None, kn, &k, t * kvh, hd, eps);
