@@ -192,10 +192,6 @@ impl GgufFile {
         self.tensors.contains_key(name)
     }
 
-    pub fn tensor_shape(&self, name: &str) -> Option<&[usize]> {
-        self.tensors.get(name).map(|t| t.shape.as_slice())
-    }
-
     /// Reads and dequantizes one tensor to f32.
     pub fn tensor(&self, name: &str) -> Result<HostTensor> {
         let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {

@@ -70,15 +70,6 @@ impl Scheduler {
             .find(|s| s.id == id)
     }
 
-    /// Ids of every sequence, running or waiting.
-    pub fn ids(&self) -> Vec<u64> {
-        self.running
-            .iter()
-            .chain(self.waiting.iter())
-            .map(|s| s.id)
-            .collect()
-    }
-
     /// Chooses the next step's work, or `None` when there is nothing to run.
     pub fn schedule(&mut self) -> Option<Step> {
         let mut budget = self.limits.max_batched_tokens;
@@ -161,11 +152,6 @@ impl Scheduler {
         if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
             s.tokens.push(token);
         }
-    }
-
-    /// Blocks a sequence of `tokens` tokens needs, and the pool's size.
-    pub fn blocks_needed(&self, tokens: usize) -> (usize, usize) {
-        (self.pool.blocks_for(tokens), self.pool.num_blocks())
     }
 }
 
