@@ -3,7 +3,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::rms_norm::vector_size;
+use crate::vector::vector_size;
 
 const THREADS: u32 = 256;
 

@@ -8,7 +8,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::rms_norm::vector_size;
+use crate::vector::vector_size;
 
 /// Planes per cube, and weight rows each plane walks.
 const PLANES: u32 = 4;

@@ -12,6 +12,7 @@ pub mod reduce;
 pub mod rms_norm;
 pub mod rope;
 pub mod silu_mul;
+pub mod vector;
 
 #[cfg(test)]
 pub(crate) mod test_util;

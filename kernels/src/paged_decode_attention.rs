@@ -11,6 +11,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::reduce::{cube_max, cube_sum};
+use crate::vector::vector_size;
 
 /// Keys one split covers at most (its scores live in shared memory: group × split f32).
 const MAX_SPLIT_KEYS: usize = 512;
@@ -289,12 +290,8 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
         max_blocks,
     } = shape;
     let heads = kv_heads * group;
-    // Vectors of up to 16 bytes that split a head evenly, with at most head_dim lanes per row.
-    let v = client
-        .io_optimized_vector_sizes(size_of::<F>())
-        .filter(|&v| head_dim.is_multiple_of(v) && (head_dim / v) <= head_dim)
-        .max()
-        .unwrap_or(1);
+    // The widest vector that splits a head evenly.
+    let v = vector_size(client, size_of::<F>(), head_dim);
     let cache_vecs = k_cache.size() as usize / size_of::<F>() / v;
     let arr = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
     let n_part = tokens * heads * ws.max_splits;

@@ -6,6 +6,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::reduce::cube_sum;
+use crate::vector::vector_size;
 
 /// Units per cube, and the most planes that can make it up (plane size ≥ 4 everywhere).
 const THREADS: u32 = 256;
@@ -51,15 +52,6 @@ fn rms_norm_kernel<F: Float, N: Size>(
         output[start + i] = Vector::<F, N>::cast_from(normed) * weight[i];
         i += CUBE_DIM as usize;
     }
-}
-
-/// Widest vector (elements) that divides `cols` and that the device loads in one go.
-pub fn vector_size<R: Runtime>(client: &ComputeClient<R>, elem_bytes: usize, cols: usize) -> usize {
-    client
-        .io_optimized_vector_sizes(elem_bytes)
-        .filter(|&v| cols.is_multiple_of(v))
-        .max()
-        .unwrap_or(1)
 }
 
 /// Normalizes `rows` rows of `cols` elements. With `residual`, adds `input` into it first and

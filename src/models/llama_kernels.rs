@@ -259,10 +259,13 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
             }
         }
         let max_ctx = ctx.iter().copied().max().unwrap_or(1) as usize;
-        let ids: Vec<u32> = batch.token_ids.clone();
         let positions: Vec<u32> = batch.positions.iter().map(|&p| p as u32).collect();
         let slots: Vec<u32> = batch.slot_mapping.iter().map(|&s| s as u32).collect();
-        let (ids, positions, slots) = (self.u32s(&ids), self.u32s(&positions), self.u32s(&slots));
+        let (ids, positions, slots) = (
+            self.u32s(&batch.token_ids),
+            self.u32s(&positions),
+            self.u32s(&slots),
+        );
         let (tables, ctx) = (self.u32s(&tables), self.u32s(&ctx));
         let ws = attention::Workspace::new(cl, t, kvh, heads, hd, max_ctx);
         let shape = attention::Shape {
