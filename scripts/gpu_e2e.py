@@ -3,12 +3,14 @@ model shapes (the GPU machine has no hub access). Run there from the repository 
 stripped bench binary at .bin/engine:
 
     python3 scripts/gpu_e2e.py llama-3.1-8b [qwen2.5-7b qwen3-0.6b] [--bench] [--no-check]
+        [--layers N] [--concurrency 1,16,64]
 
 For each shape: builds the model in bf16 with seeded random weights, saves it as safetensors
 (with a stand-in word-level tokenizer.json), has transformers generate 33 greedy tokens for 4
 prompts, has kiln compute the logits of the same prefill + 32 decode steps (teacher-forced),
 and reports the relative error of kiln's logits and where its greedy choice first differs.
---bench then serves requests through kiln's Engine (benches/engine.rs bench). Results: $OUT.
+--bench then serves requests through kiln's Engine (benches/engine.rs bench). --layers keeps
+only the first N decoder layers (for profiling). Results: $OUT.
 """
 import json, os, subprocess, sys, time
 import numpy as np
@@ -37,9 +39,13 @@ PROMPT_LENS = [17, 33, 64, 100]
 STEPS = 33  # the prefill's logits + 32 decode steps
 OUT = os.environ.get("OUT", "/tmp")
 
+def option(flag, default):
+    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
+
 def build(name):
     cfg_cls, model_cls, kw = SHAPES[name]
-    d = f"/tmp/kiln-{name}"
+    kw = dict(kw, num_hidden_layers=int(option("--layers", kw["num_hidden_layers"])))
+    d = f"/tmp/kiln-{name}-{kw['num_hidden_layers']}"
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
@@ -107,7 +113,7 @@ def check(name):
     return d
 
 if __name__ == "__main__":
-    names = [a for a in sys.argv[1:] if not a.startswith("--")]
+    names = [a for a in sys.argv[1:] if a in SHAPES]
     for name in names:
         if "--no-check" in sys.argv:  # only save the model, for --bench
             model, d, _ = build(name)
@@ -117,5 +123,5 @@ if __name__ == "__main__":
             d = check(name)
         if "--bench" in sys.argv:
             env = dict(os.environ, KILN_BENCH_JSON=os.path.join(OUT, f"bench-{name}.json"))
-            subprocess.run([".bin/engine", "bench", "--model", d, "--concurrency", "1,16,64",
+            subprocess.run([".bin/engine", "bench", "--model", d, "--concurrency", option("--concurrency", "1,16,64"),
                             "--prompt-len", "512", "--gen", "128"], check=True, env=env)

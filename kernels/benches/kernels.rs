@@ -13,7 +13,7 @@ use kiln_kernels::cubecl::future::block_on;
 use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::Handle;
 use kiln_kernels::{
-    argmax, embedding, gemv, kv_write, matmul, paged_decode_attention as pda, rms_norm, rope,
+    argmax, embedding, gemv, matmul, paged_decode_attention as pda, rms_norm, rope_kv_write,
     silu_mul,
 };
 use rand::{Rng, SeedableRng};
@@ -161,47 +161,104 @@ fn bench_gemv(b: &mut Bench) {
     }
 }
 
-/// The GEMV's cube shape: planes per cube × rows each plane walks, on the decode-critical shape.
-fn sweep_gemv(b: &mut Bench) {
-    let (m, n, k) = (1usize, 14336usize, 4096usize);
-    let x = b.random(m * k);
-    let ws: Vec<Vec<f32>> = (0..3).map(|_| b.random(n * k)).collect();
-    let wh: Vec<Handle> = ws.iter().map(|w| b.upload(w)).collect();
-    let xh = b.upload(&x);
-    let want = gemv::reference(&x, &ws[0], None, m, n, k);
-    for &(planes, rows) in &[
-        (4u32, 1usize),
-        (8, 1),
-        (2, 1),
-        (4, 2),
-        (4, 4),
-        (8, 4),
-        (4, 8),
-    ] {
+/// The gate-up GEMV with the SwiGLU epilogue, against GEMV + SiLU·mul's reference.
+fn bench_gemv_swiglu(b: &mut Bench) {
+    let (n, k) = if b.quick { (300, 520) } else { (14336, 4096) };
+    for &m in &[1usize, 4] {
+        let copies = (400_000_000 / (2 * n * k * 2)).clamp(1, 4);
+        let x = b.random(m * k);
+        let ws: Vec<Vec<f32>> = (0..copies).map(|_| b.random(2 * n * k)).collect();
+        let wh: Vec<Handle> = ws.iter().map(|w| b.upload(w)).collect();
+        let xh = b.upload(&x);
         let y = b.poisoned(m * n);
-        gemv::launch_tuned::<R, bf16>(&b.client, &xh, &wh[0], None, &y, m, n, k, planes, rows);
-        let err = b.check("gemv sweep", &b.read(y.clone()), &want, 1e-2);
-        let secs = b.time(30, |i| {
-            gemv::launch_tuned::<R, bf16>(
-                &b.client,
-                &xh,
-                &wh[i % 3],
-                None,
-                &y,
-                m,
-                n,
-                k,
-                planes,
-                rows,
-            )
+        let opts = gemv::Options {
+            swiglu: true,
+            ..Default::default()
+        };
+        let tuning = gemv::DEFAULT_TUNING;
+        gemv::launch_with::<R, bf16>(&b.client, &xh, &wh[0], &y, m, n, k, opts, tuning);
+        let want = silu_mul::reference(&gemv::reference(&x, &ws[0], None, m, 2 * n, k), n);
+        let err = b.check("gemv swiglu", &b.read(y.clone()), &want, 1e-2);
+        let secs = b.time(20, |i| {
+            gemv::launch_with::<R, bf16>(&b.client, &xh, &wh[i % copies], &y, m, n, k, opts, tuning)
         });
+        let bytes = ((2 * n * k + m * k + m * n) * 2) as f64;
         b.record(
-            "gemv (planes×rows)",
-            format!("{planes}×{rows} m=1 n={n} k={k}"),
+            "gemv swiglu",
+            format!("m={m} n={n} k={k}"),
             secs,
-            ((n * k + k + n) * 2) as f64,
+            bytes,
             err,
         );
+    }
+}
+
+/// The GEMV's row spread (planes per cube × rows per plane × loads in flight per lane) on the
+/// decode projections of Llama-3.1-8B (QKV, O, down, gate-up as SwiGLU).
+fn sweep_gemv(b: &mut Bench) {
+    for &(n, k, swiglu) in &[
+        (6144usize, 4096usize, false),
+        (4096, 4096, false),
+        (4096, 14336, false),
+        (14336, 4096, true),
+    ] {
+        let m = 1;
+        let w_rows = if swiglu { 2 * n } else { n };
+        let copies = (400_000_000 / (w_rows * k * 2)).clamp(1, 4);
+        let x = b.random(m * k);
+        let ws: Vec<Vec<f32>> = (0..copies).map(|_| b.random(w_rows * k)).collect();
+        let wh: Vec<Handle> = ws.iter().map(|w| b.upload(w)).collect();
+        let xh = b.upload(&x);
+        let mut want = gemv::reference(&x, &ws[0], None, m, w_rows, k);
+        if swiglu {
+            want = silu_mul::reference(&want, n);
+        }
+        for &(planes, rows_per_plane, depth) in &[
+            (4u32, 1usize, 4usize),
+            (4, 1, 8),
+            (8, 1, 8),
+            (2, 1, 8),
+            (4, 2, 8),
+            (4, 1, 16),
+        ] {
+            let tuning = gemv::Tuning {
+                planes,
+                rows_per_plane,
+                depth,
+            };
+            let launch = |i: usize, y: &Handle| {
+                let opts = gemv::Options {
+                    swiglu,
+                    ..Default::default()
+                };
+                gemv::launch_with::<R, bf16>(
+                    &b.client,
+                    &xh,
+                    &wh[i % copies],
+                    y,
+                    m,
+                    n,
+                    k,
+                    opts,
+                    tuning,
+                )
+            };
+            let y = b.poisoned(m * n);
+            launch(0, &y);
+            let err = b.check("gemv sweep", &b.read(y.clone()), &want, 1e-2);
+            let secs = b.time(30, |i| launch(i, &y));
+            b.record(
+                if swiglu {
+                    "gemv swiglu (p×r×d)"
+                } else {
+                    "gemv (p×r×d)"
+                },
+                format!("{planes}×{rows_per_plane}×{depth} m=1 n={n} k={k}"),
+                secs,
+                ((w_rows * k + k + n) * 2) as f64,
+                err,
+            );
+        }
     }
 }
 
@@ -300,7 +357,7 @@ fn bench_rms_norm(b: &mut Bench) {
     }
 }
 
-/// RoPE, KV write, embedding gather and argmax at decode-step sizes (Llama-3.1-8B shapes).
+/// RoPE + KV write, embedding gather and argmax at decode-step sizes (Llama-3.1-8B shapes).
 fn bench_step_kernels(b: &mut Bench) {
     let (tokens, heads, kvh, hd) = (if b.quick { 5 } else { 64 }, 32usize, 8usize, 128usize);
     // RoPE
@@ -315,52 +372,52 @@ fn bench_step_kernels(b: &mut Bench) {
     let positions: Vec<u32> = (0..tokens as u32)
         .map(|t| t * 61 % max_pos as u32)
         .collect();
-    let (mut q, mut k) = (b.random(tokens * heads * hd), b.random(tokens * kvh * hd));
-    let (qh, kh) = (b.upload(&q), b.upload(&k));
-    let ph = b.client.create_from_slice(u32::as_bytes(&positions));
+    let slots_total = 4096;
+    let width = kvh * hd;
+    let slots: Vec<u32> = (0..tokens as u32)
+        .map(|t| (t * 37 + 5) % slots_total as u32)
+        .collect();
+    let (mut q, mut k, v) = (
+        b.random(tokens * heads * hd),
+        b.random(tokens * width),
+        b.random(tokens * width),
+    );
+    let (mut kc, mut vc) = (b.random(slots_total * width), b.random(slots_total * width));
+    let (qh, kh, vh) = (b.upload(&q), b.upload(&k), b.upload(&v));
+    let (kch, vch) = (b.upload(&kc), b.upload(&vc));
+    let u32s = |v: &[u32]| b.client.create_from_slice(u32::as_bytes(v));
+    let (ph, slh) = (u32s(&positions), u32s(&slots));
     let (ch, sh) = (
         b.client.create_from_slice(f32::as_bytes(&cos)),
         b.client.create_from_slice(f32::as_bytes(&sin)),
     );
-    rope::launch::<R, bf16>(&b.client, &qh, &kh, &ph, &ch, &sh, tokens, heads, kvh, hd);
-    rope::reference(&mut q, &positions, &cos, &sin, heads, hd);
-    rope::reference(&mut k, &positions, &cos, &sin, kvh, hd);
+    let launch = || {
+        let step = rope_kv_write::Step {
+            q: &qh,
+            k: &kh,
+            v: &vh,
+            positions: &ph,
+            slots: &slh,
+            tokens,
+        };
+        rope_kv_write::launch::<R, bf16>(&b.client, step, &kch, &vch, &ch, &sh, heads, kvh, hd)
+    };
+    launch();
+    rope_kv_write::rope_reference(&mut q, &positions, &cos, &sin, heads, hd);
+    rope_kv_write::rope_reference(&mut k, &positions, &cos, &sin, kvh, hd);
+    rope_kv_write::write_reference(&k, &mut kc, &slots, width);
+    rope_kv_write::write_reference(&v, &mut vc, &slots, width);
     let err = b
         .check("rope q", &b.read(qh.clone()), &q, 1e-2)
-        .max(b.check("rope k", &b.read(kh.clone()), &k, 1e-2));
-    let secs = b.time(50, |_| {
-        rope::launch::<R, bf16>(&b.client, &qh, &kh, &ph, &ch, &sh, tokens, heads, kvh, hd)
-    });
+        .max(b.check("rope k cache", &b.read(kch.clone()), &kc, 1e-2))
+        .max(b.check("v cache", &b.read(vch.clone()), &vc, 1e-6));
+    // Timed launches rotate Q again and again: the values are no longer checked.
+    let secs = b.time(50, |_| launch());
     b.record(
-        "rope",
+        "rope_kv_write",
         format!("tok={tokens} h=32 kvh=8 d=128"),
         secs,
-        ((tokens * (heads + kvh) * hd) * 2 * 2) as f64,
-        err,
-    );
-    // KV write
-    let slots_total = 4096;
-    let width = kvh * hd;
-    let (kn, vn) = (b.random(tokens * width), b.random(tokens * width));
-    let mut kc = b.random(slots_total * width);
-    let vc = b.random(slots_total * width);
-    let slots: Vec<u32> = (0..tokens as u32)
-        .map(|t| (t * 37 + 5) % slots_total as u32)
-        .collect();
-    let (kch, vch) = (b.upload(&kc), b.upload(&vc));
-    let slh = b.client.create_from_slice(u32::as_bytes(&slots));
-    let (knh, vnh) = (b.upload(&kn), b.upload(&vn));
-    kv_write::launch::<R, bf16>(&b.client, &knh, &vnh, &kch, &vch, &slh, tokens, width);
-    kv_write::reference(&kn, &mut kc, &slots, width);
-    let err = b.check("kv_write", &b.read(kch.clone()), &kc, 1e-6);
-    let secs = b.time(50, |_| {
-        kv_write::launch::<R, bf16>(&b.client, &knh, &vnh, &kch, &vch, &slh, tokens, width)
-    });
-    b.record(
-        "kv_write",
-        format!("tok={tokens} width={width}"),
-        secs,
-        (tokens * width * 2 * 2 * 2) as f64,
+        ((tokens * (heads + 2 * kvh) * hd) * 2 * 2) as f64,
         err,
     );
     // Embedding gather
@@ -471,6 +528,7 @@ fn main() {
     bench_step_kernels(&mut b);
     bench_matmul(&mut b);
     bench_gemv(&mut b);
+    bench_gemv_swiglu(&mut b);
     if !b.quick {
         sweep_gemv(&mut b);
     }

@@ -2,19 +2,120 @@
 //! row-major weight `[n, k]` (HF's `[out, in]`), the shape of every projection at decode.
 //!
 //! Decode is bound by reading the weight once, so each plane streams whole weight rows with
-//! vector loads (16 bytes where the device allows), keeps one f32 accumulator per row of `x`,
-//! and reduces with `plane_sum`; `x` is tiny and stays in cache.
+//! vector loads (16 bytes where the device allows), `depth` of them in flight per lane, keeps one
+//! f32 accumulator per row of `x`, and reduces with `plane_sum`; `x` is tiny and stays in cache.
+//! Fused variants, so decode needs no launches between projections: SwiGLU (the fused gate-up
+//! weight `[2·n, k]`, gate rows then up rows: each plane walks gate row `j` and up row `j` and
+//! writes `silu(gate)·up`); RMSNorm folded in (the norm's weight pre-multiplied into `w`'s
+//! columns, the sum of squares gathered from the `x` loads the product makes anyway, the scale
+//! applied to the finished dot product); and the residual add as an accumulating epilogue.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::vector::vector_size;
 
-/// Planes per cube, and weight rows each plane walks.
-const PLANES: u32 = 4;
-const ROWS_PER_PLANE: usize = 1;
 /// Rows of `x` one cube handles (its accumulators are registers).
 pub const M_TILE: usize = 8;
+
+/// How the weight rows are spread: planes per cube, rows each plane walks (`planes` apart, so a
+/// cube lives long enough to keep loads streaming), and vector loads in flight per lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    pub planes: u32,
+    pub rows_per_plane: usize,
+    pub depth: usize,
+}
+
+/// The tuning `launch` uses (kernels bench, H100: `gemv (planes×rows×depth)` sweep).
+pub const DEFAULT_TUNING: Tuning = Tuning {
+    planes: 4,
+    rows_per_plane: 1,
+    depth: 4,
+};
+
+/// Adds `w[w_row] · x[m0 + r]` to `acc[r]` for the cube's `m_tile` rows of `x`, this lane's
+/// share, and (`sum_squares`) `x[m0 + r] · x[m0 + r]` to `ss[r]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn accumulate_row<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    acc: &mut Array<f32>,
+    ss: &mut Array<f32>,
+    w_row: usize,
+    m0: usize,
+    m: usize,
+    k_vecs: usize,
+    #[comptime] m_tile: usize,
+    #[comptime] depth: usize,
+    #[comptime] sum_squares: bool,
+) {
+    let step = PLANE_DIM as usize;
+    let mut i = UNIT_POS_PLANE as usize;
+    let mut wv = Array::<Vector<f32, N>>::new(depth);
+    // `depth` independent weight loads in flight per lane before their products are needed.
+    while i + (depth - 1) * step < k_vecs {
+        #[unroll]
+        for d in 0..depth {
+            wv[d] = Vector::<f32, N>::cast_from(w[w_row + i + d * step]);
+        }
+        #[unroll]
+        for r in 0..m_tile {
+            if m0 + r < m {
+                let xr = (m0 + r) * k_vecs + i;
+                let x0 = Vector::<f32, N>::cast_from(x[xr]);
+                let mut p = wv[0] * x0;
+                let mut q = x0 * x0;
+                #[unroll]
+                for d in 1..depth {
+                    let xd = Vector::<f32, N>::cast_from(x[xr + d * step]);
+                    p += wv[d] * xd;
+                    if comptime![sum_squares] {
+                        q += xd * xd;
+                    }
+                }
+                #[unroll]
+                for e in 0..N::value() {
+                    acc[r] += p[e];
+                    if comptime![sum_squares] {
+                        ss[r] += q[e];
+                    }
+                }
+            }
+        }
+        i += depth * step;
+    }
+    while i < k_vecs {
+        let wv = Vector::<f32, N>::cast_from(w[w_row + i]);
+        #[unroll]
+        for r in 0..m_tile {
+            if m0 + r < m {
+                let xv = Vector::<f32, N>::cast_from(x[(m0 + r) * k_vecs + i]);
+                let p = wv * xv;
+                let q = xv * xv;
+                #[unroll]
+                for e in 0..N::value() {
+                    acc[r] += p[e];
+                    if comptime![sum_squares] {
+                        ss[r] += q[e];
+                    }
+                }
+            }
+        }
+        i += step;
+    }
+}
+
+#[cube]
+fn zeros(#[comptime] len: usize) -> Array<f32> {
+    let mut a = Array::<f32>::new(len);
+    #[unroll]
+    for r in 0..len {
+        a[r] = f32::new(0.0);
+    }
+    a
+}
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -27,61 +128,33 @@ fn gemv_kernel<F: Float, N: Size>(
     n_out: usize,
     k_vecs: usize,
     rows_per_plane: usize,
+    eps: f32,
     #[comptime] m_tile: usize,
+    #[comptime] depth: usize,
     #[comptime] has_bias: bool,
+    #[comptime] swiglu: bool,
+    #[comptime] rms_scale: bool,
+    #[comptime] accumulate: bool,
 ) {
     let planes = (CUBE_DIM_X / PLANE_DIM) as usize;
     let first_row = CUBE_POS_X as usize * planes * rows_per_plane + (UNIT_POS / PLANE_DIM) as usize;
     let m0 = CUBE_POS_Y as usize * m_tile;
-    let lane = UNIT_POS_PLANE as usize;
-    let step = PLANE_DIM as usize;
-    // Each plane walks `rows_per_plane` rows, `planes` apart, so that a cube lives long enough
-    // to keep loads streaming.
     for rr in 0..rows_per_plane {
         let row = first_row + rr * planes;
         if row < n_out {
-            let mut acc = Array::<f32>::new(m_tile);
-            #[unroll]
-            for r in 0..m_tile {
-                acc[r] = f32::new(0.0);
-            }
+            let mut acc = zeros(m_tile);
+            let mut ss = zeros(m_tile);
             let w_row = row * k_vecs;
-            // Four independent weight loads in flight per lane before their products are needed.
-            let mut i = lane;
-            while i + 3 * step < k_vecs {
-                let w0 = Vector::<f32, N>::cast_from(w[w_row + i]);
-                let w1 = Vector::<f32, N>::cast_from(w[w_row + i + step]);
-                let w2 = Vector::<f32, N>::cast_from(w[w_row + i + 2 * step]);
-                let w3 = Vector::<f32, N>::cast_from(w[w_row + i + 3 * step]);
-                #[unroll]
-                for r in 0..m_tile {
-                    if m0 + r < m {
-                        let xr = (m0 + r) * k_vecs + i;
-                        let p = w0 * Vector::<f32, N>::cast_from(x[xr])
-                            + w1 * Vector::<f32, N>::cast_from(x[xr + step])
-                            + w2 * Vector::<f32, N>::cast_from(x[xr + 2 * step])
-                            + w3 * Vector::<f32, N>::cast_from(x[xr + 3 * step]);
-                        #[unroll]
-                        for e in 0..N::value() {
-                            acc[r] += p[e];
-                        }
-                    }
-                }
-                i += 4 * step;
-            }
-            while i < k_vecs {
-                let wv = Vector::<f32, N>::cast_from(w[w_row + i]);
-                #[unroll]
-                for r in 0..m_tile {
-                    if m0 + r < m {
-                        let p = wv * Vector::<f32, N>::cast_from(x[(m0 + r) * k_vecs + i]);
-                        #[unroll]
-                        for e in 0..N::value() {
-                            acc[r] += p[e];
-                        }
-                    }
-                }
-                i += step;
+            accumulate_row::<F, N>(
+                x, w, &mut acc, &mut ss, w_row, m0, m, k_vecs, m_tile, depth, rms_scale,
+            );
+            // SwiGLU: the up row sits `n_out` rows below its gate row.
+            let mut up = zeros(m_tile);
+            if comptime![swiglu] {
+                let w_row = (row + n_out) * k_vecs;
+                accumulate_row::<F, N>(
+                    x, w, &mut up, &mut ss, w_row, m0, m, k_vecs, m_tile, depth, false,
+                );
             }
             let b = if comptime![has_bias] {
                 f32::cast_from(bias[row])
@@ -90,13 +163,44 @@ fn gemv_kernel<F: Float, N: Size>(
             };
             #[unroll]
             for r in 0..m_tile {
-                let total = plane_sum(acc[r]);
-                if lane == 0 && m0 + r < m {
-                    y[(m0 + r) * n_out + row] = F::cast_from(total + b);
+                let mut total = plane_sum(acc[r]);
+                let mut up_total = f32::new(0.0);
+                if comptime![swiglu] {
+                    up_total = plane_sum(up[r]);
+                }
+                if comptime![rms_scale] {
+                    let k = f32::cast_from(k_vecs * N::value());
+                    let inv = f32::recip(f32::sqrt(plane_sum(ss[r]) / k + eps));
+                    total *= inv;
+                    up_total *= inv;
+                }
+                total += b;
+                if comptime![swiglu] {
+                    total = total / (1.0 + f32::exp(-total)) * up_total;
+                }
+                let at = (m0 + r) * n_out + row;
+                if UNIT_POS_PLANE == 0 && m0 + r < m {
+                    if comptime![accumulate] {
+                        total += f32::cast_from(y[at]);
+                    }
+                    y[at] = F::cast_from(total);
                 }
             }
         }
     }
+}
+
+/// What the GEMV does around the product.
+#[derive(Clone, Copy, Default)]
+pub struct Options<'a> {
+    pub bias: Option<&'a Handle>,
+    /// RMSNorm of `x` folded in, with this epsilon: the products are scaled by each row's
+    /// 1 / rms(x). The norm's weight must already be folded into `w`'s columns.
+    pub rms_eps: Option<f32>,
+    /// `w` is `[2·n, k]`, gate rows then up rows; `y` = silu(x · gateᵀ) · (x · upᵀ).
+    pub swiglu: bool,
+    /// `y` += the product (the residual add, in place: each element has one writer).
+    pub accumulate: bool,
 }
 
 /// `y` `[m, n]` = `x` `[m, k]` · `w` `[n, k]`ᵀ (+ `bias` `[n]`).
@@ -111,48 +215,60 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     n: usize,
     k: usize,
 ) {
-    launch_tuned::<R, F>(client, x, w, bias, y, m, n, k, PLANES, ROWS_PER_PLANE);
+    let opts = Options {
+        bias,
+        ..Options::default()
+    };
+    launch_with::<R, F>(client, x, w, y, m, n, k, opts, DEFAULT_TUNING);
 }
 
-/// [`launch`] with the cube's plane count and the rows each plane walks chosen by the caller
-/// (the benchmark sweeps them).
+/// `y` `[m, n]` from `x` `[m, k]` and `w` as `opts` says.
 #[allow(clippy::too_many_arguments)]
-pub fn launch_tuned<R: Runtime, F: Float + CubeElement>(
+pub fn launch_with<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     x: &Handle,
     w: &Handle,
-    bias: Option<&Handle>,
     y: &Handle,
     m: usize,
     n: usize,
     k: usize,
-    planes: u32,
-    rows_per_plane: usize,
+    opts: Options,
+    tuning: Tuning,
 ) {
+    let Tuning {
+        planes,
+        rows_per_plane,
+        depth,
+    } = tuning;
     let v = vector_size(client, size_of::<F>(), k);
     let plane = client.properties().hardware.plane_size_max;
     let m_tile = M_TILE.min(m.next_power_of_two());
     let cubes_x = n.div_ceil(planes as usize * rows_per_plane) as u32;
     let cubes_y = m.div_ceil(m_tile) as u32;
-    unsafe {
-        gemv_kernel::launch::<F, R>(
-            client,
-            CubeCount::Static(cubes_x, cubes_y, 1),
-            CubeDim::new_1d(plane * planes),
-            v,
-            ArrayArg::from_raw_parts(x.clone(), m * k / v),
-            ArrayArg::from_raw_parts(w.clone(), n * k / v),
-            // Unread without a bias: any valid buffer will do.
-            ArrayArg::from_raw_parts(bias.unwrap_or(y).clone(), n),
-            ArrayArg::from_raw_parts(y.clone(), m * n),
-            m,
-            n,
-            k / v,
-            rows_per_plane,
-            m_tile,
-            bias.is_some(),
-        );
-    }
+    let w_rows = if opts.swiglu { 2 * n } else { n };
+    let arr = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
+    gemv_kernel::launch::<F, R>(
+        client,
+        CubeCount::Static(cubes_x, cubes_y, 1),
+        CubeDim::new_1d(plane * planes),
+        v,
+        arr(x, m * k / v),
+        arr(w, w_rows * k / v),
+        // Unread without a bias: any valid buffer will do.
+        arr(opts.bias.unwrap_or(y), n),
+        arr(y, m * n),
+        m,
+        n,
+        k / v,
+        rows_per_plane,
+        opts.rms_eps.unwrap_or(0.0),
+        m_tile,
+        depth,
+        opts.bias.is_some(),
+        opts.swiglu,
+        opts.rms_eps.is_some(),
+        opts.accumulate,
+    );
 }
 
 /// The plain reference.
@@ -231,22 +347,77 @@ mod tests {
         let x = fill(m * k, 24);
         let w = fill(n * k, 25);
         let expected = reference(&x, &w, None, m, n, k);
-        for (planes, rows) in [(1, 1), (2, 3), (8, 4)] {
+        for (planes, rows_per_plane, depth) in [(1, 1, 4), (2, 3, 8), (8, 4, 2)] {
             let y = upload::<f32>(&c, &vec![f32::NAN; m * n]);
-            launch_tuned::<_, f32>(
+            let tuning = Tuning {
+                planes,
+                rows_per_plane,
+                depth,
+            };
+            launch_with::<_, f32>(
                 &c,
                 &upload::<f32>(&c, &x),
                 &upload::<f32>(&c, &w),
-                None,
                 &y,
                 m,
                 n,
                 k,
-                planes,
-                rows,
+                Options::default(),
+                tuning,
             );
             let e = rel_err(&read::<f32>(&c, y), &expected);
-            assert!(e < 1e-5, "planes {planes} rows {rows}: rel err {e}");
+            assert!(e < 1e-5, "{tuning:?}: rel err {e}");
+        }
+    }
+
+    /// SwiGLU, the folded RMSNorm and the accumulating epilogue against RMSNorm's (unit
+    /// weight), the GEMV's and SiLU·mul's references in sequence.
+    #[test]
+    fn fused_variants_match_their_unfused_references() {
+        let c = client();
+        let eps = 1e-5;
+        for (m, n, k) in [(1, 40, 256), (5, 13, 100)] {
+            for (swiglu, norm, accumulate) in [
+                (true, false, false),
+                (false, true, false),
+                (true, true, false),
+                (false, false, true),
+            ] {
+                let w_rows = if swiglu { 2 * n } else { n };
+                let (x, w, y0) = (fill(m * k, 26), fill(w_rows * k, 27), fill(m * n, 28));
+                let (xh, wh) = (upload::<f32>(&c, &x), upload::<f32>(&c, &w));
+                let y = upload::<f32>(
+                    &c,
+                    &if accumulate {
+                        y0.clone()
+                    } else {
+                        vec![f32::NAN; m * n]
+                    },
+                );
+                let opts = Options {
+                    bias: None,
+                    rms_eps: norm.then_some(eps),
+                    swiglu,
+                    accumulate,
+                };
+                launch_with::<_, f32>(&c, &xh, &wh, &y, m, n, k, opts, DEFAULT_TUNING);
+                let input = if norm {
+                    crate::rms_norm::reference(&x, None, &vec![1.0; k], k, eps)
+                } else {
+                    x.clone()
+                };
+                let mut expected = reference(&input, &w, None, m, w_rows, k);
+                if swiglu {
+                    expected = crate::silu_mul::reference(&expected, n);
+                }
+                if accumulate {
+                    expected.iter_mut().zip(&y0).for_each(|(e, y)| *e += y);
+                }
+                let e = rel_err(&read::<f32>(&c, y), &expected);
+                let what =
+                    format!("m {m} n {n} k {k} swiglu {swiglu} norm {norm} acc {accumulate}");
+                assert!(e < 1e-5, "{what}: rel err {e}");
+            }
         }
     }
 

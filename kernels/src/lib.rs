@@ -5,12 +5,11 @@
 pub mod argmax;
 pub mod embedding;
 pub mod gemv;
-pub mod kv_write;
 pub mod matmul;
 pub mod paged_decode_attention;
 pub mod reduce;
 pub mod rms_norm;
-pub mod rope;
+pub mod rope_kv_write;
 pub mod silu_mul;
 pub mod vector;
 

@@ -10,7 +10,6 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::reduce::{cube_max, cube_sum};
 use crate::vector::vector_size;
 
 /// Keys one split covers at most (its scores live in shared memory: group × split f32).
@@ -106,7 +105,9 @@ fn split_kernel<F: Float, N: Size>(
         for g in 0..group {
             dots[g] = f32::new(0.0);
         }
-        for i in 0..vecs {
+        // Unrolled: the row's loads are all in flight before the first product needs one.
+        #[unroll]
+        for i in 0..comptime![head_dim / vec] {
             let kv = Vector::<f32, N>::cast_from(k_cache[row + i]);
             #[unroll]
             for e in 0..N::value() {
@@ -124,9 +125,13 @@ fn split_kernel<F: Float, N: Size>(
     }
     sync_cube();
 
-    // Softmax statistics per head over this split; scores become exp(s - max).
-    let mut maxes = Array::<f32>::new(group);
-    let mut sums = Array::<f32>::new(group);
+    // Softmax statistics per head over this split; scores become exp(s - max). The heads'
+    // reductions share their barriers: one exchange of plane partials for all maxima, one for
+    // all sums (the second also publishes the rewritten scores to the P·V phase).
+    let plane = (UNIT_POS / PLANE_DIM) as usize;
+    let num_planes = (CUBE_DIM / PLANE_DIM) as usize;
+    let mut max_parts = SharedMemory::<f32>::new(group * MAX_PLANES);
+    let mut sum_parts = SharedMemory::<f32>::new(group * MAX_PLANES);
     #[unroll]
     for g in 0..group {
         let mut m = f32::new(-3.0e38);
@@ -135,7 +140,21 @@ fn split_kernel<F: Float, N: Size>(
             m = f32::max(m, scores[g * split_keys + kk]);
             kk += head_dim;
         }
-        let m = cube_max(m, MAX_PLANES);
+        let m = plane_max(m);
+        if UNIT_POS_PLANE == 0 {
+            max_parts[g * MAX_PLANES + plane] = m;
+        }
+    }
+    sync_cube();
+    let mut maxes = Array::<f32>::new(group);
+    let mut sums = Array::<f32>::new(group);
+    #[unroll]
+    for g in 0..group {
+        let mut m = max_parts[g * MAX_PLANES];
+        for p in 1..num_planes {
+            m = f32::max(m, max_parts[g * MAX_PLANES + p]);
+        }
+        maxes[g] = m;
         let mut s = f32::new(0.0);
         let mut kk = tid;
         while kk < n_keys {
@@ -144,10 +163,20 @@ fn split_kernel<F: Float, N: Size>(
             s += p;
             kk += head_dim;
         }
-        maxes[g] = m;
-        sums[g] = cube_sum(s, MAX_PLANES);
+        let s = plane_sum(s);
+        if UNIT_POS_PLANE == 0 {
+            sum_parts[g * MAX_PLANES + plane] = s;
+        }
     }
     sync_cube();
+    #[unroll]
+    for g in 0..group {
+        let mut s = f32::new(0.0);
+        for p in 0..num_planes {
+            s += sum_parts[g * MAX_PLANES + p];
+        }
+        sums[g] = s;
+    }
 
     // P·V: `vecs` units share a V row (one vector each); the cube's units form
     // head_dim / vecs key groups that walk the keys side by side.
@@ -159,7 +188,23 @@ fn split_kernel<F: Float, N: Size>(
     for g in 0..group {
         acc[g] = Vector::new(0.0);
     }
+    // Four keys' V loads in flight per unit, then the stragglers one at a time.
     let mut kk = kg;
+    while kk + 3 * key_groups < n_keys {
+        let mut vs = Array::<Vector<f32, N>>::new(4usize);
+        #[unroll]
+        for j in 0..4usize {
+            vs[j] = Vector::<f32, N>::cast_from(v_cache[rows[kk + j * key_groups] as usize + lane]);
+        }
+        #[unroll]
+        for j in 0..4usize {
+            #[unroll]
+            for g in 0..group {
+                acc[g] += vs[j] * Vector::new(scores[g * split_keys + kk + j * key_groups]);
+            }
+        }
+        kk += 4 * key_groups;
+    }
     while kk < n_keys {
         let v = Vector::<f32, N>::cast_from(v_cache[rows[kk] as usize + lane]);
         #[unroll]
@@ -221,16 +266,19 @@ fn combine_kernel<F: Float>(
     }
     let d = UNIT_POS as usize;
     let base = (token * heads + h) * max_splits;
-    let mut m = f32::new(-3.0e38);
-    for s in 0..n_splits {
-        m = f32::max(m, part_ml[(base + s) * 2]);
-    }
+    // One pass, rescaling online as the running maximum grows (a second pass for the global
+    // maximum would double the dependent loads this latency-bound kernel waits on).
+    let mut m = part_ml[base * 2];
     let mut num = f32::new(0.0);
     let mut den = f32::new(0.0);
     for s in 0..n_splits {
-        let w = f32::exp(part_ml[(base + s) * 2] - m);
-        num += w * part_acc[(base + s) * head_dim + d];
-        den += w * part_ml[(base + s) * 2 + 1];
+        let ms = part_ml[(base + s) * 2];
+        let m_new = f32::max(m, ms);
+        let old = f32::exp(m - m_new);
+        let w = f32::exp(ms - m_new);
+        num = num * old + w * part_acc[(base + s) * head_dim + d];
+        den = den * old + w * part_ml[(base + s) * 2 + 1];
+        m = m_new;
     }
     out[(token * heads + h) * head_dim + d] = F::cast_from(num / den);
 }

@@ -1,4 +1,4 @@
-//! Reductions across a cube, shared by the kernels: each plane reduces with plane ops (any
+//! Reduction across a cube: each plane reduces with plane ops (any
 //! `PLANE_DIM`), then the planes' partials meet in shared memory.
 
 use cubecl::prelude::*;
@@ -20,25 +20,6 @@ pub fn cube_sum(x: f32, #[comptime] max_planes: usize) -> f32 {
         total += partials[p];
     }
     // Keep the partials alive until every unit has read them (a later call reuses them).
-    sync_cube();
-    total
-}
-
-/// Maximum of `x` over every unit of the cube; every unit gets the result.
-#[cube]
-pub fn cube_max(x: f32, #[comptime] max_planes: usize) -> f32 {
-    let mut partials = SharedMemory::<f32>::new(max_planes);
-    let plane_total = plane_max(x);
-    let plane = (UNIT_POS / PLANE_DIM) as usize;
-    if UNIT_POS_PLANE == 0 {
-        partials[plane] = plane_total;
-    }
-    sync_cube();
-    let num_planes = (CUBE_DIM / PLANE_DIM) as usize;
-    let mut total = partials[0];
-    for p in 1..num_planes {
-        total = f32::max(total, partials[p]);
-    }
     sync_cube();
     total
 }

@@ -2,8 +2,8 @@
 //! launched directly on device buffers: no Burn ops and no fusion layer on the hot path.
 //! Generic over the CubeCL runtime (CUDA in the engine, wgpu in CI) and the element type.
 //!
-//! Per layer: RMSNorm(+residual) → Q/K/V GEMVs (+bias) → [Q/K RMSNorm] → RoPE → KV write →
-//! paged attention → O GEMV → RMSNorm(+residual) → gate-up GEMV → SiLU·mul → down GEMV.
+//! Per layer: RMSNorm(+residual) → Q/K/V GEMV (+bias) → [Q/K RMSNorm] → RoPE + KV write →
+//! paged attention → O GEMV → RMSNorm(+residual) → gate-up GEMV with SiLU·mul → down GEMV.
 //! Every token of the flat batch attends as a query of its own (context = its position + 1),
 //! so prefill and decode share one path; logits are computed for the sampled rows only.
 
@@ -12,8 +12,7 @@ use std::marker::PhantomData;
 use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::Handle;
 use kiln_kernels::{
-    embedding, gemv, kv_write, matmul, paged_decode_attention as attention, rms_norm, rope,
-    silu_mul,
+    embedding, gemv, matmul, paged_decode_attention as attention, rms_norm, rope_kv_write, silu_mul,
 };
 
 use super::config::Config;
@@ -31,8 +30,10 @@ struct Proj {
     inp: usize,
 }
 
+/// The weights of the projections that read a normalized residual stream (Q/K/V, gate-up) have
+/// the norm's weight multiplied into their columns, so the GEMVs fold the norm in and prefill
+/// normalizes with a unit weight.
 struct Layer {
-    attn_norm: Handle,
     /// Q, K and V rows in one weight `[(heads + 2·kv_heads)·head_dim, hidden]`: one GEMV at
     /// decode. `q`, `k`, `v` are views into it, for batches whose outputs must stay apart.
     qkv: Proj,
@@ -42,10 +43,22 @@ struct Layer {
     o: Proj,
     q_norm: Option<Handle>,
     k_norm: Option<Handle>,
-    ffn_norm: Handle,
     /// Gate rows then up rows: `[2 · intermediate, hidden]`.
     gate_up: Proj,
     down: Proj,
+}
+
+/// The residual stream of a forward: its rows, and (prefill) the last block's output not yet
+/// added to them (decode GEMVs add theirs in place).
+struct Stream {
+    residual: Handle,
+    pending: Option<Handle>,
+}
+
+/// The `N` outputs of `N` projections as an array.
+fn exactly<const N: usize>(outs: Vec<Handle>) -> Result<[Handle; N]> {
+    outs.try_into()
+        .map_err(|v: Vec<Handle>| Error::Device(format!("{} outputs where {N} were due", v.len())))
 }
 
 /// A model's weights and KV pool on a CubeCL device.
@@ -55,6 +68,8 @@ pub struct KernelLlama<R: Runtime, F: Float + CubeElement> {
     embed: Handle,
     lm_head: Proj,
     norm: Handle,
+    /// All ones `[hidden]`: the prefill norms' weight (the real ones are folded into weights).
+    unit_norm: Handle,
     layers: Vec<Layer>,
     cos: Handle,
     sin: Handle,
@@ -97,8 +112,15 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
         };
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let es = size_of::<F>() as u64;
-        // The fused Q/K/V projection of layer `p`, and Q, K, V as views into its buffers.
-        let fused_qkv = |p: &str| -> Result<(Proj, [Proj; 3])> {
+        // `w` `[rows, h]` with its columns scaled by `gamma` (a norm's weight folded in).
+        let fold = |mut w: Vec<f32>, gamma: &[f32]| -> Vec<f32> {
+            w.chunks_mut(h)
+                .for_each(|row| row.iter_mut().zip(gamma).for_each(|(x, g)| *x *= g));
+            w
+        };
+        // The fused Q/K/V projection of layer `p` (norm weight `gamma` folded in), and Q, K, V
+        // as views into its buffers.
+        let fused_qkv = |p: &str, gamma: &[f32]| -> Result<(Proj, [Proj; 3])> {
             let outs = [c.num_heads * hd, c.num_kv_heads * hd, c.num_kv_heads * hd];
             let (mut w, mut b) = (Vec::new(), Vec::new());
             for (name, &out) in ["q_proj", "k_proj", "v_proj"].iter().zip(&outs) {
@@ -113,7 +135,7 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
                 }
             }
             let fused = Proj {
-                w: up(&w),
+                w: up(&fold(w, gamma)),
                 b: c.qkv_bias.then(|| up(&b)),
                 out: outs.iter().sum(),
                 inp: h,
@@ -136,11 +158,16 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
             let p = format!("model.layers.{i}");
             let gate = weights.tensor(&format!("{p}.mlp.gate_proj.weight"), &[inter, h], c)?;
             let upw = weights.tensor(&format!("{p}.mlp.up_proj.weight"), &[inter, h], c)?;
-            let gate_up = [gate.data, upw.data].concat();
+            let gamma = |n: &str| -> Result<Vec<f32>> {
+                Ok(weights.tensor(&format!("{p}.{n}.weight"), &[h], c)?.data)
+            };
+            let gate_up = fold(
+                [gate.data, upw.data].concat(),
+                &gamma("post_attention_layernorm")?,
+            );
             let norm = |n: &str, dim: usize| tensor(&format!("{p}.{n}.weight"), &[dim]);
-            let (qkv, [q, k, v]) = fused_qkv(&p)?;
+            let (qkv, [q, k, v]) = fused_qkv(&p, &gamma("input_layernorm")?)?;
             layers.push(Layer {
-                attn_norm: norm("input_layernorm", h)?,
                 q,
                 k,
                 v,
@@ -154,7 +181,6 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
                     .qk_norm
                     .then(|| norm("self_attn.k_norm", hd))
                     .transpose()?,
-                ffn_norm: norm("post_attention_layernorm", h)?,
                 gate_up: Proj {
                     w: up(&gate_up),
                     b: None,
@@ -186,6 +212,7 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
             embed,
             lm_head,
             norm: tensor("model.norm.weight", &[h])?,
+            unit_norm: up(&vec![1.0; h]),
             layers,
             cos: client.create_from_slice(f32::as_bytes(&cos)),
             sin: client.create_from_slice(f32::as_bytes(&sin)),
@@ -215,6 +242,86 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
             gemv::launch::<R, F>(&self.client, x, &p.w, p.b.as_ref(), &y, rows, p.out, p.inp);
         }
         Ok(y)
+    }
+
+    /// `projs` (norm weight folded in) applied to the RMSNorm of the residual stream, after
+    /// adding the stream's pending block output. At decode sizes the GEMVs fold the norm in (no
+    /// launch of its own, no normalized copy); beyond that one fused add+norm kernel writes the
+    /// normalized rows for the GEMMs. `swiglu`: `projs` is one fused gate-up projection and the
+    /// result is its SwiGLU activation.
+    fn normed_projections(
+        &self,
+        s: &mut Stream,
+        projs: &[&Proj],
+        rows: usize,
+        swiglu: bool,
+    ) -> Result<Vec<Handle>> {
+        let cl = &self.client;
+        let (es, h) = (size_of::<F>(), self.config.hidden_size);
+        let eps = self.config.rms_norm_eps as f32;
+        let out_cols = |p: &Proj| if swiglu { p.out / 2 } else { p.out };
+        if rows <= gemv::M_TILE {
+            return Ok(projs
+                .iter()
+                .map(|p| {
+                    let y = cl.empty(rows * out_cols(p) * es);
+                    let opts = gemv::Options {
+                        bias: p.b.as_ref(),
+                        rms_eps: Some(eps),
+                        swiglu,
+                        accumulate: false,
+                    };
+                    let (n, tuning) = (out_cols(p), gemv::DEFAULT_TUNING);
+                    gemv::launch_with::<R, F>(cl, &s.residual, &p.w, &y, rows, n, h, opts, tuning);
+                    y
+                })
+                .collect());
+        }
+        let pending = s.pending.take();
+        let normed = cl.empty(rows * h * es);
+        let (src, res) = match &pending {
+            Some(pending) => (pending, Some(&s.residual)),
+            None => (&s.residual, None),
+        };
+        rms_norm::launch::<R, F>(cl, src, res, &self.unit_norm, &normed, rows, h, eps);
+        projs
+            .iter()
+            .map(|p| {
+                let y = self.project(&normed, p, rows)?;
+                if !swiglu {
+                    return Ok(y);
+                }
+                let act = cl.empty(rows * out_cols(p) * es);
+                silu_mul::launch::<R, F>(cl, &y, &act, rows, out_cols(p));
+                Ok(act)
+            })
+            .collect()
+    }
+
+    /// A block's output projection `p` of `x`: added into the residual stream in place by the
+    /// GEMV at decode sizes, else left pending for the next norm (the GEMM cannot add).
+    fn residual_projection(&self, s: &mut Stream, x: &Handle, p: &Proj, rows: usize) -> Result<()> {
+        if rows <= gemv::M_TILE {
+            let opts = gemv::Options {
+                accumulate: true,
+                ..Default::default()
+            };
+            let tuning = gemv::DEFAULT_TUNING;
+            gemv::launch_with::<R, F>(
+                &self.client,
+                x,
+                &p.w,
+                &s.residual,
+                rows,
+                p.out,
+                p.inp,
+                opts,
+                tuning,
+            );
+        } else {
+            s.pending = Some(self.project(x, p, rows)?);
+        }
+        Ok(())
     }
 
     fn u32s(&self, v: &[u32]) -> Handle {
@@ -278,52 +385,48 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = c.rms_norm_eps as f32;
 
-        // The residual stream, and the normalized input of the next block.
         let residual = cl.empty(t * h * es);
         embedding::launch::<R, F>(cl, &self.embed, &ids, &residual, t, h);
-        let normed = cl.empty(t * h * es);
-        let mut pending: Option<Handle> = None; // block output not yet added to the residual
+        let mut stream = Stream {
+            residual,
+            pending: None,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            rms_norm::launch::<R, F>(
-                cl,
-                pending.as_ref().unwrap_or(&residual),
-                pending.as_ref().map(|_| &residual),
-                &layer.attn_norm,
-                &normed,
-                t,
-                h,
-                eps,
-            );
             let (q, k, v) = if t == 1 {
                 // One token: the fused output is [q | k | v], so K and V are views into it.
-                let qkv = self.project(&normed, &layer.qkv, 1)?;
+                let [qkv] =
+                    exactly(self.normed_projections(&mut stream, &[&layer.qkv], 1, false)?)?;
                 let (q_bytes, k_bytes) = ((layer.q.out * es) as u64, (layer.k.out * es) as u64);
                 let k = qkv.clone().offset_start(q_bytes);
                 let v = qkv.clone().offset_start(q_bytes + k_bytes);
                 (qkv, k, v)
             } else {
-                (
-                    self.project(&normed, &layer.q, t)?,
-                    self.project(&normed, &layer.k, t)?,
-                    self.project(&normed, &layer.v, t)?,
-                )
+                let projs = [&layer.q, &layer.k, &layer.v];
+                let [q, k, v] = exactly(self.normed_projections(&mut stream, &projs, t, false)?)?;
+                (q, k, v)
             };
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 rms_norm::launch::<R, F>(cl, &q, None, qn, &q, t * heads, hd, eps);
                 rms_norm::launch::<R, F>(cl, &k, None, kn, &k, t * kvh, hd, eps);
             }
-            rope::launch::<R, F>(
-                cl, &q, &k, &positions, &self.cos, &self.sin, t, heads, kvh, hd,
-            );
-            kv_write::launch::<R, F>(
+            let step = rope_kv_write::Step {
+                q: &q,
+                k: &k,
+                v: &v,
+                positions: &positions,
+                slots: &slots,
+                tokens: t,
+            };
+            rope_kv_write::launch::<R, F>(
                 cl,
-                &k,
-                &v,
+                step,
                 &self.k_cache[i],
                 &self.v_cache[i],
-                &slots,
-                t,
-                kvh * hd,
+                &self.cos,
+                &self.sin,
+                heads,
+                kvh,
+                hd,
             );
             let attn = cl.empty(t * heads * hd * es);
             attention::launch::<R, F>(
@@ -339,17 +442,17 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
                 &ws,
                 scale,
             );
-            let o = self.project(&attn, &layer.o, t)?;
-            rms_norm::launch::<R, F>(cl, &o, Some(&residual), &layer.ffn_norm, &normed, t, h, eps);
-            let gu = self.project(&normed, &layer.gate_up, t)?;
-            let act = cl.empty(t * c.intermediate_size * es);
-            silu_mul::launch::<R, F>(cl, &gu, &act, t, c.intermediate_size);
-            pending = Some(self.project(&act, &layer.down, t)?);
+            self.residual_projection(&mut stream, &attn, &layer.o, t)?;
+            let gate_up = [&layer.gate_up];
+            let [act] = exactly(self.normed_projections(&mut stream, &gate_up, t, true)?)?;
+            self.residual_projection(&mut stream, &act, &layer.down, t)?;
         }
+        let normed = cl.empty(t * h * es);
+        let pending = stream.pending.take();
         rms_norm::launch::<R, F>(
             cl,
-            pending.as_ref().unwrap_or(&residual),
-            pending.as_ref().map(|_| &residual),
+            pending.as_ref().unwrap_or(&stream.residual),
+            pending.as_ref().map(|_| &stream.residual),
             &self.norm,
             &normed,
             t,

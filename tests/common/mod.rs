@@ -57,8 +57,10 @@ pub const TINY_BLOCK_TABLE: [u32; 4] = [5, 1, 6, 3];
 pub const TINY_NUM_BLOCKS: usize = 8;
 
 /// Checks a forward on the tiny HF model `name` (tests/fixtures/tiny) against transformers'
-/// logits: a 10-token prefill (past one GEMV tile, so the GEMM path runs) with logits for every position, then one decode step per
-/// remaining prompt token through the paged cache; each row within 1e-4 relative error.
+/// logits: a 10-token prefill (past one GEMV tile, so the GEMM path runs) with logits for every
+/// position, then one decode step per remaining prompt token through the paged cache; then the
+/// same with the prefill in chunks of 4 and 6 (the decode-sized paths). Each row within 1e-4
+/// relative error.
 pub fn check_tiny_logits(
     name: &str,
     mut forward: impl FnMut(&kiln::runner::batch::Batch) -> Vec<f32>,
@@ -85,19 +87,43 @@ pub fn check_tiny_logits(
         .collect();
     let vocab = expected[0].len();
     let prefill = 10;
-    let mut batch = Batch::default();
-    batch.push_seq(
-        &prompt[..prefill],
-        prefill,
-        &TINY_BLOCK_TABLE,
-        TINY_BLOCK,
-        true,
-    );
-    batch.logit_indices = (0..prefill).collect();
-    for (i, row) in forward(&batch).chunks_exact(vocab).enumerate() {
-        let e = rel_err(row, &expected[i]);
-        assert!(e < 1e-4, "{name}: prefill position {i}: relative error {e}");
+    // The prompt's first `prefill` tokens in one chunk, then again in chunks of 4 and 6 (batches
+    // small enough for the decode-sized paths), each followed by the decode steps.
+    for chunks in [&[prefill][..], &[4, 6]] {
+        let mut start = 0;
+        for &len in chunks {
+            let end = start + len;
+            let mut batch = Batch::default();
+            batch.push_seq(
+                &prompt[start..end],
+                end,
+                &TINY_BLOCK_TABLE,
+                TINY_BLOCK,
+                true,
+            );
+            batch.logit_indices = (0..len).collect();
+            for (i, row) in forward(&batch).chunks_exact(vocab).enumerate() {
+                let e = rel_err(row, &expected[start + i]);
+                assert!(
+                    e < 1e-4,
+                    "{name}: chunks {chunks:?}: prefill position {}: relative error {e}",
+                    start + i
+                );
+            }
+            start = end;
+        }
+        decode_steps(name, &prompt, &expected, prefill, &mut forward);
     }
+}
+
+fn decode_steps(
+    name: &str,
+    prompt: &[u32],
+    expected: &[Vec<f32>],
+    prefill: usize,
+    forward: &mut impl FnMut(&kiln::runner::batch::Batch) -> Vec<f32>,
+) {
+    use kiln::runner::batch::Batch;
     for pos in prefill..prompt.len() {
         let mut batch = Batch::default();
         batch.push_seq(
