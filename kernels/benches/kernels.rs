@@ -13,8 +13,8 @@ use kiln_kernels::cubecl::future::block_on;
 use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::Handle;
 use kiln_kernels::{
-    argmax, embedding, gemv, matmul, paged_decode_attention as pda, rms_norm, rope_kv_write,
-    silu_mul,
+    argmax, embedding, gemv, matmul, paged_decode_attention as pda, prefill_attention as pfa,
+    rms_norm, rope_kv_write, silu_mul,
 };
 use rand::{Rng, SeedableRng};
 
@@ -297,10 +297,16 @@ fn bench_decode_attention(b: &mut Bench) {
         let out = b.poisoned(q.len());
         let ws = pda::Workspace::new(&b.client, tokens, kv_heads, heads, head_dim, ctx);
         let scale = 1.0 / (head_dim as f32).sqrt();
+        let rows: Vec<u32> = (0..tokens as u32).collect();
+        let rows = b.client.create_from_slice(u32::as_bytes(&rows));
+        let queries = pda::Queries {
+            count: tokens,
+            rows: &rows,
+            block_tables: &bt,
+            context_lens: &cl,
+        };
         let run = |b: &Bench| {
-            pda::launch::<R, bf16>(
-                &b.client, shape, tokens, &qh, &kh, &vh, &bt, &cl, &out, &ws, scale,
-            )
+            pda::launch::<R, bf16>(&b.client, shape, queries, &qh, &kh, &vh, &out, &ws, scale)
         };
         run(b);
         let got = b.read(out.clone());
@@ -323,6 +329,101 @@ fn bench_decode_attention(b: &mut Bench) {
             secs,
             bytes,
             err,
+        );
+    }
+}
+
+/// Causal prefill attention over the paged cache (tensor cores where the device has them):
+/// checked against the reference on ragged chunks, timed on whole prompts as TFLOP/s
+/// (2·s²·d·heads for a causal prompt of s tokens, as torch's SDPA is counted).
+fn bench_prefill_attention(b: &mut Bench) {
+    let shape = pfa::Shape {
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        block_size: 16,
+    };
+    let (hd, kvh) = (shape.head_dim, shape.kv_heads);
+    let tiling = pfa::Tiling::for_device::<R, bf16>(&b.client, shape);
+    println!("prefill attention tiling: {tiling:?}");
+    // (cached keys, new rows) per sequence.
+    let cases: &[&[(usize, usize)]] = if b.quick {
+        &[&[(0, 70), (37, 20)]]
+    } else {
+        &[
+            &[(0, 100), (0, 260), (300, 77)],
+            &[(0, 4096)],
+            &[(0, 1024); 4],
+            &[(0, 8192)],
+        ]
+    };
+    for seqs in cases {
+        let max_blocks = seqs
+            .iter()
+            .map(|&(c, n)| (c + n).div_ceil(shape.block_size))
+            .max()
+            .unwrap_or(1);
+        let num_blocks = max_blocks * seqs.len();
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..ids.len()).rev() {
+            let j = b.rng.random_range(0..=i);
+            ids.swap(i, j);
+        }
+        let mut chunks = Vec::new();
+        let mut tokens = 0;
+        for (s, &(cached, len)) in seqs.iter().enumerate() {
+            chunks.push(pfa::Chunk {
+                table_row: s,
+                first_token: tokens,
+                len,
+                first_pos: cached,
+            });
+            tokens += len;
+        }
+        let slots = num_blocks * shape.block_size;
+        let q = b.random(tokens * shape.heads * hd);
+        let k = b.random(slots * kvh * hd);
+        let v = b.random(slots * kvh * hd);
+        let (qh, kh, vh) = (b.upload(&q), b.upload(&k), b.upload(&v));
+        let plan = pfa::tiles(&chunks, tiling.tile_rows());
+        let th = b.client.create_from_slice(u32::as_bytes(&plan));
+        let bt = b.client.create_from_slice(u32::as_bytes(&ids));
+        let out = b.poisoned(q.len());
+        let scale = 1.0 / (hd as f32).sqrt();
+        let n_tiles = plan.len() / 4;
+        let run = |b: &Bench| {
+            pfa::launch::<R, bf16>(
+                &b.client, shape, tiling, &th, n_tiles, &qh, &kh, &vh, &bt, max_blocks, &out, scale,
+            )
+        };
+        run(b);
+        let got = b.read(out.clone());
+        let err = if tokens <= 512 {
+            let want = pfa::reference(shape, &chunks, &q, &k, &v, &ids, max_blocks, scale);
+            b.check("prefill_attention", &got, &want, 2e-2)
+        } else {
+            assert!(
+                got.iter().all(|x| x.is_finite()),
+                "prefill attention: unwritten output"
+            );
+            f64::NAN
+        };
+        let secs = b.time(10, |_| run(b));
+        // Score/value products actually needed: each row sees its position + 1 keys.
+        let pairs: usize = seqs
+            .iter()
+            .map(|&(c, n)| (0..n).map(|r| c + r + 1).sum::<usize>())
+            .sum();
+        let flops = 4.0 * (pairs * hd * shape.heads) as f64;
+        let tflops = flops / secs / 1e12;
+        let desc = format!("{seqs:?} h=32 kvh=8 d=128");
+        println!(
+            "| prefill_attention      | {desc} | {:>9.1} | {tflops:>6.0} TFLOP/s | {err:.1e} |",
+            secs * 1e6
+        );
+        b.rows.push(
+            serde_json::json!({"kernel": "prefill_attention", "shape": desc,
+            "us": secs * 1e6, "tflops": tflops, "rel_err": err, "tiling": format!("{tiling:?}")}),
         );
     }
 }
@@ -523,16 +624,28 @@ fn main() {
     );
     println!("| kernel                 | shape                              |   time µs |     GB/s | of copy | rel err |");
     println!("|------------------------|------------------------------------|-----------|----------|---------|---------|");
-    bench_rms_norm(&mut b);
-    bench_silu_mul(&mut b);
-    bench_step_kernels(&mut b);
-    bench_matmul(&mut b);
-    bench_gemv(&mut b);
-    bench_gemv_swiglu(&mut b);
-    if !b.quick {
-        sweep_gemv(&mut b);
+    // $KILN_BENCH_ONLY (comma-separated names) runs a subset.
+    let only = std::env::var("KILN_BENCH_ONLY").ok();
+    type BenchFn = fn(&mut Bench);
+    let benches: [(&str, BenchFn); 9] = [
+        ("rms_norm", bench_rms_norm),
+        ("silu_mul", bench_silu_mul),
+        ("step_kernels", bench_step_kernels),
+        ("matmul", bench_matmul),
+        ("gemv", bench_gemv),
+        ("gemv_swiglu", bench_gemv_swiglu),
+        ("sweep_gemv", sweep_gemv),
+        ("decode_attention", bench_decode_attention),
+        ("prefill_attention", bench_prefill_attention),
+    ];
+    for (name, run) in benches {
+        let wanted = only
+            .as_ref()
+            .is_none_or(|o| o.split(',').any(|n| n == name));
+        if wanted && !(b.quick && name == "sweep_gemv") {
+            run(&mut b);
+        }
     }
-    bench_decode_attention(&mut b);
     if let Some(path) = std::env::var_os("KILN_BENCH_JSON") {
         let json = serde_json::json!({"copy_gb_per_s": b.copy_gbps, "results": b.rows});
         std::fs::write(

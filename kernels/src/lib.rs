@@ -7,6 +7,7 @@ pub mod embedding;
 pub mod gemv;
 pub mod matmul;
 pub mod paged_decode_attention;
+pub mod prefill_attention;
 pub mod reduce;
 pub mod rms_norm;
 pub mod rope_kv_write;

@@ -46,6 +46,7 @@ pub struct Shape {
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn split_kernel<F: Float, N: Size>(
+    query_rows: &Array<u32>,
     q: &Array<F>,
     k_cache: &Array<Vector<F, N>>,
     v_cache: &Array<Vector<F, N>>,
@@ -65,6 +66,7 @@ fn split_kernel<F: Float, N: Size>(
     #[comptime] vec: usize,
 ) {
     let token = CUBE_POS_X as usize;
+    let row = query_rows[token] as usize; // the query's row in `q` and `out`
     let kvh = CUBE_POS_Y as usize;
     let split = CUBE_POS_Z as usize;
     let ctx = context_lens[token] as usize;
@@ -85,7 +87,7 @@ fn split_kernel<F: Float, N: Size>(
     #[unroll]
     for g in 0..group {
         q_s[g * head_dim + tid] =
-            f32::cast_from(q[(token * heads + kvh * group + g) * head_dim + tid]);
+            f32::cast_from(q[(row * heads + kvh * group + g) * head_dim + tid]);
     }
     let mut kk = tid;
     while kk < n_keys {
@@ -234,7 +236,7 @@ fn split_kernel<F: Float, N: Size>(
         }
         let h = kvh * group + g;
         if n_splits == 1 {
-            out[(token * heads + h) * head_dim + tid] = F::cast_from(total / sums[g]);
+            out[(row * heads + h) * head_dim + tid] = F::cast_from(total / sums[g]);
         } else {
             let at = (token * heads + h) * max_splits + split;
             part_acc[at * head_dim + tid] = total;
@@ -249,6 +251,7 @@ fn split_kernel<F: Float, N: Size>(
 /// Merges the splits of sequences longer than one split; one cube per (token, head).
 #[cube(launch)]
 fn combine_kernel<F: Float>(
+    query_rows: &Array<u32>,
     context_lens: &Array<u32>,
     part_acc: &Array<f32>,
     part_ml: &Array<f32>,
@@ -280,7 +283,8 @@ fn combine_kernel<F: Float>(
         den = den * old + w * part_ml[(base + s) * 2 + 1];
         m = m_new;
     }
-    out[(token * heads + h) * head_dim + d] = F::cast_from(num / den);
+    let row = query_rows[token] as usize;
+    out[(row * heads + h) * head_dim + d] = F::cast_from(num / den);
 }
 
 /// Scratch for sequences that need more than one split: f32 partial sums and (max, sum) pairs.
@@ -313,23 +317,37 @@ impl Workspace {
     }
 }
 
-/// Attention of `tokens` decode queries `q` `[tokens, heads, head_dim]` over their paged K/V
-/// (`[slots, kv_heads, head_dim]` each); `block_tables` is `[tokens, max_blocks]` u32,
-/// `context_lens` `[tokens]` u32 (keys per query, ≤ the workspace's max context).
+/// The decode queries of a launch (u32 buffers): `count` of them; query i is row `rows[i]` of
+/// `q` and `out`, with `block_tables` row i (`[count, max_blocks]`) and `context_lens[i]` keys
+/// (≤ the workspace's max context).
+#[derive(Clone, Copy)]
+pub struct Queries<'a> {
+    pub count: usize,
+    pub rows: &'a Handle,
+    pub block_tables: &'a Handle,
+    pub context_lens: &'a Handle,
+}
+
+/// Attention of the decode queries in `q` `[rows, heads, head_dim]` over their paged K/V
+/// (`[slots, kv_heads, head_dim]` each), into the same rows of `out`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     shape: Shape,
-    tokens: usize,
+    queries: Queries,
     q: &Handle,
     k_cache: &Handle,
     v_cache: &Handle,
-    block_tables: &Handle,
-    context_lens: &Handle,
     out: &Handle,
     ws: &Workspace,
     scale: f32,
 ) {
+    let Queries {
+        count: tokens,
+        rows,
+        block_tables,
+        context_lens,
+    } = queries;
     let Shape {
         kv_heads,
         group,
@@ -343,17 +361,19 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     let cache_vecs = k_cache.size() as usize / size_of::<F>() / v;
     let arr = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
     let n_part = tokens * heads * ws.max_splits;
+    let q_len = q.size() as usize / size_of::<F>();
     split_kernel::launch::<F, R>(
         client,
         CubeCount::Static(tokens as u32, kv_heads as u32, ws.max_splits as u32),
         CubeDim::new_1d(head_dim as u32),
         v,
-        arr(q, tokens * heads * head_dim),
+        arr(rows, tokens),
+        arr(q, q_len),
         arr(k_cache, cache_vecs),
         arr(v_cache, cache_vecs),
         arr(block_tables, tokens * max_blocks),
         arr(context_lens, tokens),
-        arr(out, tokens * heads * head_dim),
+        arr(out, q_len),
         arr(&ws.acc, n_part * head_dim),
         arr(&ws.ml, n_part * 2),
         scale,
@@ -371,10 +391,11 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
             client,
             CubeCount::Static(tokens as u32, heads as u32, 1),
             CubeDim::new_1d(head_dim as u32),
+            arr(rows, tokens),
             arr(context_lens, tokens),
             arr(&ws.acc, n_part * head_dim),
             arr(&ws.ml, n_part * 2),
-            arr(out, tokens * heads * head_dim),
+            arr(out, q_len),
             ws.max_splits,
             heads,
             head_dim,
@@ -479,21 +500,37 @@ mod tests {
         let ws = Workspace::new(&c, tokens, kv_heads, heads, head_dim, max_ctx);
         let bt = c.create_from_slice(u32::as_bytes(&block_tables));
         let cl = c.create_from_slice(u32::as_bytes(ctxs));
+        // Query i sits at row `tokens - 1 - i` of `q` and `out`.
+        let rows: Vec<u32> = (0..tokens as u32).rev().collect();
+        let queries = Queries {
+            count: tokens,
+            rows: &c.create_from_slice(u32::as_bytes(&rows)),
+            block_tables: &bt,
+            context_lens: &cl,
+        };
         launch::<_, F>(
             &c,
             shape,
-            tokens,
+            queries,
             &upload::<F>(&c, &q),
             &upload::<F>(&c, &k),
             &upload::<F>(&c, &v),
-            &bt,
-            &cl,
             &out,
             &ws,
             scale,
         );
         let (q, k, v) = (F::round_trip(&q), F::round_trip(&k), F::round_trip(&v));
-        let expected = reference(shape, &q, &k, &v, &block_tables, ctxs, scale);
+        let row_len = heads * head_dim;
+        let in_query_order: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| q[r as usize * row_len..][..row_len].to_vec())
+            .collect();
+        let by_query = reference(shape, &in_query_order, &k, &v, &block_tables, ctxs, scale);
+        let mut expected = vec![0f32; q.len()];
+        for (i, &r) in rows.iter().enumerate() {
+            expected[r as usize * row_len..][..row_len]
+                .copy_from_slice(&by_query[i * row_len..][..row_len]);
+        }
         let e = rel_err(&read::<F>(&c, out), &expected);
         assert!(
             e < tol,

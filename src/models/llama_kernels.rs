@@ -4,15 +4,17 @@
 //!
 //! Per layer: RMSNorm(+residual) → Q/K/V GEMV (+bias) → [Q/K RMSNorm] → RoPE + KV write →
 //! paged attention → O GEMV → RMSNorm(+residual) → gate-up GEMV with SiLU·mul → down GEMV.
-//! Every token of the flat batch attends as a query of its own (context = its position + 1),
-//! so prefill and decode share one path; logits are computed for the sampled rows only.
+//! Attention: one-token chunks (decode) run the split-K paged decode kernel, longer chunks
+//! (prefill, chunked prefill) the tiled causal kernel on tensor cores; logits are computed for
+//! the sampled rows only.
 
 use std::marker::PhantomData;
 
 use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::Handle;
 use kiln_kernels::{
-    embedding, gemv, matmul, paged_decode_attention as attention, rms_norm, rope_kv_write, silu_mul,
+    embedding, gemv, matmul, paged_decode_attention as decode_attention, prefill_attention,
+    rms_norm, rope_kv_write, silu_mul,
 };
 
 use super::config::Config;
@@ -77,6 +79,7 @@ pub struct KernelLlama<R: Runtime, F: Float + CubeElement> {
     k_cache: Vec<Handle>,
     v_cache: Vec<Handle>,
     block_size: usize,
+    prefill_tiling: prefill_attention::Tiling,
     _elem: PhantomData<F>,
 }
 
@@ -220,6 +223,15 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
             k_cache: cache(),
             v_cache: cache(),
             block_size,
+            prefill_tiling: prefill_attention::Tiling::for_device::<R, F>(
+                &client,
+                prefill_attention::Shape {
+                    heads: c.num_heads,
+                    kv_heads: c.num_kv_heads,
+                    head_dim: hd,
+                    block_size,
+                },
+            ),
             config: config.clone(),
             client,
             _elem: PhantomData,
@@ -349,7 +361,8 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
             )));
         }
 
-        // Per-token attention metadata: each token is a query over its sequence's first pos + 1 keys.
+        // Attention work: one-token chunks (decode) go to the split-K decode kernel, longer
+        // chunks (prefill) to the tiled causal kernel; each writes its own rows.
         let max_blocks = batch
             .seqs
             .iter()
@@ -357,15 +370,50 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
             .max()
             .unwrap_or(1)
             .max(1);
-        let mut tables = vec![0u32; t * max_blocks];
-        let mut ctx = vec![0u32; t];
+        let table_row = |s: &crate::runner::batch::SeqChunk| {
+            let mut row = vec![0u32; max_blocks];
+            row[..s.block_table.len()].copy_from_slice(&s.block_table);
+            row
+        };
+        let (mut dec_rows, mut dec_tables, mut dec_ctx) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut chunks, mut pre_tables) = (Vec::new(), Vec::new());
         for s in &batch.seqs {
-            for i in s.start..s.start + s.len {
-                tables[i * max_blocks..][..s.block_table.len()].copy_from_slice(&s.block_table);
-                ctx[i] = batch.positions[i] as u32 + 1;
+            let first_pos = batch.positions[s.start];
+            if s.len == 1 {
+                dec_rows.push(s.start as u32);
+                dec_tables.extend(table_row(s));
+                dec_ctx.push(first_pos as u32 + 1);
+            } else {
+                chunks.push(prefill_attention::Chunk {
+                    table_row: pre_tables.len() / max_blocks,
+                    first_token: s.start,
+                    len: s.len,
+                    first_pos,
+                });
+                pre_tables.extend(table_row(s));
             }
         }
-        let max_ctx = ctx.iter().copied().max().unwrap_or(1) as usize;
+        let decode = (!dec_rows.is_empty()).then(|| {
+            let max_ctx = dec_ctx.iter().copied().max().unwrap_or(1) as usize;
+            let ws = decode_attention::Workspace::new(cl, dec_rows.len(), kvh, heads, hd, max_ctx);
+            let meta = [&dec_rows, &dec_tables, &dec_ctx].map(|v| self.u32s(v));
+            (ws, meta)
+        });
+        let tile_plan = prefill_attention::tiles(&chunks, self.prefill_tiling.tile_rows());
+        let prefill = (!chunks.is_empty()).then(|| (self.u32s(&tile_plan), self.u32s(&pre_tables)));
+        let decode_shape = decode_attention::Shape {
+            kv_heads: kvh,
+            group: heads / kvh,
+            head_dim: hd,
+            block_size: self.block_size,
+            max_blocks,
+        };
+        let prefill_shape = prefill_attention::Shape {
+            heads,
+            kv_heads: kvh,
+            head_dim: hd,
+            block_size: self.block_size,
+        };
         let positions: Vec<u32> = batch.positions.iter().map(|&p| p as u32).collect();
         let slots: Vec<u32> = batch.slot_mapping.iter().map(|&s| s as u32).collect();
         let (ids, positions, slots) = (
@@ -373,15 +421,6 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
             self.u32s(&positions),
             self.u32s(&slots),
         );
-        let (tables, ctx) = (self.u32s(&tables), self.u32s(&ctx));
-        let ws = attention::Workspace::new(cl, t, kvh, heads, hd, max_ctx);
-        let shape = attention::Shape {
-            kv_heads: kvh,
-            group: heads / kvh,
-            head_dim: hd,
-            block_size: self.block_size,
-            max_blocks,
-        };
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = c.rms_norm_eps as f32;
 
@@ -429,19 +468,42 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
                 hd,
             );
             let attn = cl.empty(t * heads * hd * es);
-            attention::launch::<R, F>(
-                cl,
-                shape,
-                t,
-                &q,
-                &self.k_cache[i],
-                &self.v_cache[i],
-                &tables,
-                &ctx,
-                &attn,
-                &ws,
-                scale,
-            );
+            if let Some((ws, [rows, tables, ctx])) = &decode {
+                let queries = decode_attention::Queries {
+                    count: dec_rows.len(),
+                    rows,
+                    block_tables: tables,
+                    context_lens: ctx,
+                };
+                let (kc, vc) = (&self.k_cache[i], &self.v_cache[i]);
+                decode_attention::launch::<R, F>(
+                    cl,
+                    decode_shape,
+                    queries,
+                    &q,
+                    kc,
+                    vc,
+                    &attn,
+                    ws,
+                    scale,
+                );
+            }
+            if let Some((plan, tables)) = &prefill {
+                prefill_attention::launch::<R, F>(
+                    cl,
+                    prefill_shape,
+                    self.prefill_tiling,
+                    plan,
+                    tile_plan.len() / 4,
+                    &q,
+                    &self.k_cache[i],
+                    &self.v_cache[i],
+                    tables,
+                    max_blocks,
+                    &attn,
+                    scale,
+                );
+            }
             self.residual_projection(&mut stream, &attn, &layer.o, t)?;
             let gate_up = [&layer.gate_up];
             let [act] = exactly(self.normed_projections(&mut stream, &gate_up, t, true)?)?;
