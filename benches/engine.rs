@@ -5,8 +5,11 @@
 //!         step at a time (teacher forcing), writing every step's f32 logits (raw, little-endian,
 //!         case-major) for the comparison script (scripts/gpu_e2e.py).
 //!     engine bench --model DIR [--prompt-len 512] [--gen 128] [--concurrency 1,64]
+//!                  [--long 8192,16384,32768]
 //!         Serves random-token requests through `Engine` and prints TTFT, TPOT, P50/P95/P99
-//!         latency and throughput, as a markdown table and JSON ($KILN_BENCH_JSON).
+//!         latency, throughput and the process's CPU time per wall second, as a markdown table
+//!         and JSON ($KILN_BENCH_JSON): streamed at each concurrency, one request not streamed
+//!         (`generate`), and one streamed request per long prompt length.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -87,6 +90,19 @@ fn check(args: &[String]) {
     }
 }
 
+/// CPU seconds this process has used (user + system, from /proc; Linux ticks are 1/100 s).
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(f64::NAN)
+}
+
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -101,35 +117,40 @@ fn bench(args: &[String]) {
         .split(',')
         .map(|v| v.parse().expect("number"))
         .collect();
+    let long: Vec<usize> = arg(args, "--long")
+        .map(|v| v.split(',').map(|x| x.parse().expect("number")).collect())
+        .unwrap_or_default();
     let max_c = *levels.iter().max().expect("a level");
+    let long_gen = 64;
+    let max_long = long.iter().max().map_or(0, |l| l + long_gen);
     let t0 = Instant::now();
     let engine = Engine::builder()
         .model(&model)
         .device(Device::Cuda(0))
         .max_num_seqs(max_c)
-        .kv_cache_tokens((max_c * (prompt_len + gen)).max(4096))
+        .kv_cache_tokens((max_c * (prompt_len + gen)).max(max_long).max(4096))
         .build()
         .expect("engine");
     eprintln!("engine built in {:.1?}", t0.elapsed());
     let vocab = engine.info().vocab_size as u32;
     // `c` greedy requests of `prompt_len` pseudo-random tokens (`salt` varies them), `n` out each.
-    let submit = |c: usize, salt: u32, n: usize| -> Vec<kiln::TokenStream> {
+    let request = |len: usize, r: u32, salt: u32, n: usize| {
+        let ids: Vec<u32> = (0..len as u32)
+            .map(|i| (i * 7919 + r * 104_729 + salt) % vocab)
+            .collect();
+        let p = SamplingParams {
+            max_tokens: n,
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        };
+        Request::from_tokens(ids).sampling(p)
+    };
+    let submit_len = |len: usize, c: usize, salt: u32, n: usize| -> Vec<kiln::TokenStream> {
         (0..c as u32)
-            .map(|r| {
-                let ids: Vec<u32> = (0..prompt_len as u32)
-                    .map(|i| (i * 7919 + r * 104_729 + salt) % vocab)
-                    .collect();
-                let p = SamplingParams {
-                    max_tokens: n,
-                    ignore_eos: true,
-                    ..SamplingParams::greedy()
-                };
-                engine
-                    .stream(Request::from_tokens(ids).sampling(p))
-                    .expect("request")
-            })
+            .map(|r| engine.stream(request(len, r, salt, n)).expect("request"))
             .collect()
     };
+    let submit = |c: usize, salt: u32, n: usize| submit_len(prompt_len, c, salt, n);
     // Warm-up: compile every kernel variant a run meets (prefill and decode shapes) untimed.
     for c in [1, max_c] {
         for s in submit(c, 1, 40) {
@@ -138,11 +159,19 @@ fn bench(args: &[String]) {
     }
     eprintln!("warmed up");
     let mut json = Vec::new();
-    println!("| concurrency | prompt | gen | TTFT P50 ms | TPOT P50 ms | latency P50/P95/P99 s | output tok/s | req/s |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for &c in &levels {
-        let start = Instant::now();
-        let streams = submit(c, 0, gen);
+    println!("| run | prompt | gen | TTFT P50 ms | TPOT P50 ms | latency P50/P95/P99 s | output tok/s | req/s | CPU s/s |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut runs: Vec<(String, usize, usize, usize)> = levels
+        .iter()
+        .map(|&c| (format!("{c} concurrent"), c, prompt_len, gen))
+        .collect();
+    runs.extend(
+        long.iter()
+            .map(|&l| ("long context".to_string(), 1, l, long_gen)),
+    );
+    for (name, c, len, n) in runs {
+        let (start, cpu0) = (Instant::now(), cpu_seconds());
+        let streams = submit_len(len, c, 0, n);
         let handles: Vec<_> = streams
             .into_iter()
             .map(|s| {
@@ -161,7 +190,7 @@ fn bench(args: &[String]) {
             .into_iter()
             .map(|h| h.join().expect("thread"))
             .collect();
-        let wall = start.elapsed().as_secs_f64();
+        let (wall, cpu) = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
         let mut ttft: Vec<f64> = per_req.iter().map(|t| t[0]).collect();
         let mut tpot: Vec<f64> = per_req
             .iter()
@@ -170,25 +199,31 @@ fn bench(args: &[String]) {
         let mut lat: Vec<f64> = per_req.iter().map(|t| t[t.len() - 1]).collect();
         let tokens: usize = per_req.iter().map(Vec::len).sum();
         let row = serde_json::json!({
-            "concurrency": c, "prompt_len": prompt_len, "gen": gen,
+            "run": name, "concurrency": c, "prompt_len": len, "gen": n,
             "ttft_p50_ms": percentile(&mut ttft, 0.5) * 1e3,
             "tpot_p50_ms": percentile(&mut tpot, 0.5) * 1e3,
             "latency_p50_s": percentile(&mut lat, 0.5), "latency_p95_s": percentile(&mut lat, 0.95),
             "latency_p99_s": percentile(&mut lat, 0.99),
             "output_tok_per_s": tokens as f64 / wall, "req_per_s": c as f64 / wall,
+            "cpu_s_per_s": cpu / wall,
         });
-        println!(
-            "| {c} | {prompt_len} | {gen} | {:.1} | {:.2} | {:.2}/{:.2}/{:.2} | {:.0} | {:.2} |",
-            row["ttft_p50_ms"].as_f64().unwrap_or(0.0),
-            row["tpot_p50_ms"].as_f64().unwrap_or(0.0),
-            row["latency_p50_s"].as_f64().unwrap_or(0.0),
-            row["latency_p95_s"].as_f64().unwrap_or(0.0),
-            row["latency_p99_s"].as_f64().unwrap_or(0.0),
-            row["output_tok_per_s"].as_f64().unwrap_or(0.0),
-            row["req_per_s"].as_f64().unwrap_or(0.0),
-        );
+        print_row(&row);
         json.push(row);
     }
+    // The same single request without streaming: `generate` returns the whole completion.
+    let (start, cpu0) = (Instant::now(), cpu_seconds());
+    let done = engine
+        .generate(request(prompt_len, 0, 0, gen))
+        .expect("generate");
+    let (wall, cpu) = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
+    let row = serde_json::json!({
+        "run": "1, not streamed", "concurrency": 1, "prompt_len": prompt_len, "gen": gen,
+        "latency_p50_s": wall, "latency_p95_s": wall, "latency_p99_s": wall,
+        "output_tok_per_s": done.token_ids.len() as f64 / wall, "req_per_s": 1.0 / wall,
+        "cpu_s_per_s": cpu / wall,
+    });
+    print_row(&row);
+    json.push(row);
     if let Some(path) = std::env::var_os("KILN_BENCH_JSON") {
         std::fs::write(
             path,
@@ -196,6 +231,24 @@ fn bench(args: &[String]) {
         )
         .expect("write JSON");
     }
+}
+
+fn print_row(row: &serde_json::Value) {
+    let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "| {} | {} | {} | {:.1} | {:.2} | {:.2}/{:.2}/{:.2} | {:.0} | {:.2} | {:.2} |",
+        row["run"].as_str().unwrap_or(""),
+        row["prompt_len"],
+        row["gen"],
+        f("ttft_p50_ms"),
+        f("tpot_p50_ms"),
+        f("latency_p50_s"),
+        f("latency_p95_s"),
+        f("latency_p99_s"),
+        f("output_tok_per_s"),
+        f("req_per_s"),
+        f("cpu_s_per_s"),
+    );
 }
 
 fn main() {

@@ -3,14 +3,15 @@ model shapes (the GPU machine has no hub access). Run there from the repository 
 stripped bench binary at .bin/engine:
 
     python3 scripts/gpu_e2e.py llama-3.1-8b [qwen2.5-7b qwen3-0.6b] [--bench] [--no-check]
-        [--layers N] [--concurrency 1,16,64]
+        [--layers N] [--concurrency 1,16,64] [--long 8192,16384,32768]
 
 For each shape: builds the model in bf16 with seeded random weights, saves it as safetensors
 (with a stand-in word-level tokenizer.json), has transformers generate 33 greedy tokens for 4
 prompts, has kiln compute the logits of the same prefill + 32 decode steps (teacher-forced),
 and reports the relative error of kiln's logits and where its greedy choice first differs.
 --bench then serves requests through kiln's Engine (benches/engine.rs bench). --layers keeps
-only the first N decoder layers (for profiling). Results: $OUT.
+only the first N decoder layers (for profiling); --long adds one request per long prompt length.
+The GPU's memory in use is sampled during the benchmark (nvidia-smi, whole device). Results: $OUT.
 """
 import json, os, subprocess, sys, time
 import numpy as np
@@ -123,5 +124,15 @@ if __name__ == "__main__":
             d = check(name)
         if "--bench" in sys.argv:
             env = dict(os.environ, KILN_BENCH_JSON=os.path.join(OUT, f"bench-{name}.json"))
-            subprocess.run([".bin/engine", "bench", "--model", d, "--concurrency", option("--concurrency", "1,16,64"),
-                            "--prompt-len", "512", "--gen", "128"], check=True, env=env)
+            cmd = [".bin/engine", "bench", "--model", d, "--concurrency", option("--concurrency", "1,16,64"),
+                   "--prompt-len", "512", "--gen", "128"]
+            if "--long" in sys.argv:
+                cmd += ["--long", option("--long", "")]
+            smi = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                    "-lms", "200"], stdout=subprocess.PIPE, text=True)
+            try:
+                subprocess.run(cmd, check=True, env=env)
+            finally:
+                smi.terminate()
+            used = [int(l) for l in smi.communicate()[0].split() if l.strip().isdigit()]
+            print(f"{name}: peak GPU memory in use during the benchmark: {max(used, default=0)} MiB", flush=True)

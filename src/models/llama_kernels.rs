@@ -509,6 +509,11 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
             let [act] = exactly(self.normed_projections(&mut stream, &gate_up, t, true)?)?;
             self.residual_projection(&mut stream, &act, &layer.down, t)?;
         }
+        let n = batch.logit_indices.len();
+        if n == 0 {
+            // A prompt chunk before the last: its K/V writes are queued, no logits are due.
+            return Ok(Vec::new());
+        }
         let normed = cl.empty(t * h * es);
         let pending = stream.pending.take();
         rms_norm::launch::<R, F>(
@@ -521,11 +526,10 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
             h,
             eps,
         );
-        let n = batch.logit_indices.len();
         let rows: Vec<u32> = batch.logit_indices.iter().map(|&i| i as u32).collect();
-        let picked = cl.empty(n.max(1) * h * es);
+        let picked = cl.empty(n * h * es);
         embedding::launch::<R, F>(cl, &normed, &self.u32s(&rows), &picked, n, h);
-        let logits = self.project(&picked, &self.lm_head, n.max(1))?;
+        let logits = self.project(&picked, &self.lm_head, n)?;
         let bytes = cl
             .read_one(logits)
             .map_err(|e| Error::Device(format!("reading logits: {e:?}")))?;

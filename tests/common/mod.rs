@@ -87,6 +87,13 @@ pub fn check_tiny_logits(
         .collect();
     let vocab = expected[0].len();
     let prefill = 10;
+    // A chunk that wants no logits returns none (the engine's prompt chunks before the last).
+    let mut batch = Batch::default();
+    batch.push_seq(&prompt[..3], 3, &TINY_BLOCK_TABLE, TINY_BLOCK, false);
+    assert!(
+        forward(&batch).is_empty(),
+        "{name}: logits for a chunk that wants none"
+    );
     // The prompt's first `prefill` tokens in one chunk, then again in chunks of 4 and 6 (batches
     // small enough for the decode-sized paths), each followed by the decode steps.
     for chunks in [&[prefill][..], &[4, 6]] {
