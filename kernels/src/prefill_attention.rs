@@ -109,6 +109,39 @@ pub fn tiles(chunks: &[Chunk], tile_rows: usize) -> Vec<u32> {
     out
 }
 
+/// `acc += A·B` for one 16×16×16 tensor-core tile, A and B read from shared memory.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn mma_tile<F: Float>(
+    acc: &cmma::Matrix<f32>,
+    a: &Slice<F>,
+    a_layout: cmma::MatrixLayout,
+    b: &Slice<F>,
+    b_layout: cmma::MatrixLayout,
+    a_stride: u32,
+    b_stride: u32,
+) {
+    let a = cmma::Matrix::<F>::from_slice(
+        cmma::MatrixIdent::A,
+        16usize,
+        16usize,
+        16usize,
+        a_layout,
+        a,
+        a_stride,
+    );
+    let b = cmma::Matrix::<F>::from_slice(
+        cmma::MatrixIdent::B,
+        16usize,
+        16usize,
+        16usize,
+        b_layout,
+        b,
+        b_stride,
+    );
+    cmma::execute::<F, F, f32, f32>(&a, &b, acc, acc);
+}
+
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn prefill_attention_kernel<F: Float, N: Size>(
@@ -265,25 +298,15 @@ fn prefill_attention_kernel<F: Float, N: Size>(
                 );
                 #[unroll]
                 for kk in 0..comptime![head_dim / 16] {
-                    let a = cmma::Matrix::<F>::from_slice(
-                        cmma::MatrixIdent::A,
-                        16usize,
-                        16usize,
-                        16usize,
-                        cmma::MatrixLayout::RowMajor,
+                    mma_tile::<F>(
+                        &acc,
                         &q_s.slice(r0 * qs + kk * 16, br * qs),
-                        qs as u32,
-                    );
-                    let b = cmma::Matrix::<F>::from_slice(
-                        cmma::MatrixIdent::B,
-                        16usize,
-                        16usize,
-                        16usize,
-                        cmma::MatrixLayout::ColMajor,
+                        cmma::MatrixLayout::RowMajor,
                         &k_s.slice(nb * 16 * qs + kk * 16, bc * qs),
+                        cmma::MatrixLayout::ColMajor,
+                        qs as u32,
                         qs as u32,
                     );
-                    cmma::execute::<F, F, f32, f32>(&a, &b, &acc, &acc);
                 }
                 cmma::store(
                     &mut s_s.slice_mut(nb * 16 * ss + r0, bc * ss),
@@ -364,25 +387,15 @@ fn prefill_attention_kernel<F: Float, N: Size>(
                 );
                 #[unroll]
                 for kk in 0..comptime![bc / 16] {
-                    let a = cmma::Matrix::<F>::from_slice(
-                        cmma::MatrixIdent::A,
-                        16usize,
-                        16usize,
-                        16usize,
-                        cmma::MatrixLayout::ColMajor,
+                    mma_tile::<F>(
+                        &acc,
                         &p_s.slice(kk * 16 * ps + r0, bc * ps),
-                        ps as u32,
-                    );
-                    let b = cmma::Matrix::<F>::from_slice(
-                        cmma::MatrixIdent::B,
-                        16usize,
-                        16usize,
-                        16usize,
-                        cmma::MatrixLayout::RowMajor,
+                        cmma::MatrixLayout::ColMajor,
                         &v_s.slice(kk * 16 * qs + nb * 16, bc * qs),
+                        cmma::MatrixLayout::RowMajor,
+                        ps as u32,
                         qs as u32,
                     );
-                    cmma::execute::<F, F, f32, f32>(&a, &b, &acc, &acc);
                 }
                 cmma::store(
                     &mut o_s.slice_mut(nb * 16 * os + r0, d * os),
