@@ -333,6 +333,58 @@ fn bench_decode_attention(b: &mut Bench) {
     }
 }
 
+/// Decode attention's keys per split, one token at short and medium context (the default
+/// picks the shortest split that yields enough cubes).
+fn sweep_decode_attention(b: &mut Bench) {
+    let (kv_heads, group, head_dim, block_size) = (8usize, 4usize, 128usize, 16usize);
+    let heads = kv_heads * group;
+    for ctx in [516usize, 2048] {
+        let max_blocks = ctx.div_ceil(block_size);
+        let slots = max_blocks * block_size;
+        let q = b.random(heads * head_dim);
+        let k = b.random(slots * kv_heads * head_dim);
+        let v = b.random(slots * kv_heads * head_dim);
+        let ids: Vec<u32> = (0..max_blocks as u32).rev().collect();
+        let shape = pda::Shape {
+            kv_heads,
+            group,
+            head_dim,
+            block_size,
+            max_blocks,
+        };
+        let (qh, kh, vh) = (b.upload(&q), b.upload(&k), b.upload(&v));
+        let bt = b.client.create_from_slice(u32::as_bytes(&ids));
+        let cl = b.client.create_from_slice(u32::as_bytes(&[ctx as u32]));
+        let rows = b.client.create_from_slice(u32::as_bytes(&[0u32]));
+        let queries = pda::Queries {
+            count: 1,
+            rows: &rows,
+            block_tables: &bt,
+            context_lens: &cl,
+        };
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let want = pda::reference(shape, &q, &k, &v, &ids, &[ctx as u32], scale);
+        for split in [64usize, 128, 256, 512] {
+            let ws = pda::Workspace::with_split_keys(&b.client, 1, heads, head_dim, ctx, split);
+            let out = b.poisoned(q.len());
+            let run = |b: &Bench| {
+                pda::launch::<R, bf16>(&b.client, shape, queries, &qh, &kh, &vh, &out, &ws, scale)
+            };
+            run(b);
+            let err = b.check("decode attention sweep", &b.read(out.clone()), &want, 2e-2);
+            let secs = b.time(50, |_| run(b));
+            let bytes = (ctx * kv_heads * head_dim * 2 * 2) as f64;
+            b.record(
+                "decode attn (split)",
+                format!("split={split} tok=1 ctx={ctx}"),
+                secs,
+                bytes,
+                err,
+            );
+        }
+    }
+}
+
 /// Causal prefill attention over the paged cache (tensor cores where the device has them):
 /// checked against the reference on ragged chunks, timed on whole prompts as TFLOP/s
 /// (2·s²·d·heads for a causal prompt of s tokens, as torch's SDPA is counted).
@@ -634,7 +686,7 @@ fn main() {
     // $KILN_BENCH_ONLY (comma-separated names) runs a subset.
     let only = std::env::var("KILN_BENCH_ONLY").ok();
     type BenchFn = fn(&mut Bench);
-    let benches: [(&str, BenchFn); 9] = [
+    let benches: [(&str, BenchFn); 10] = [
         ("rms_norm", bench_rms_norm),
         ("silu_mul", bench_silu_mul),
         ("step_kernels", bench_step_kernels),
@@ -643,13 +695,14 @@ fn main() {
         ("gemv_swiglu", bench_gemv_swiglu),
         ("sweep_gemv", sweep_gemv),
         ("decode_attention", bench_decode_attention),
+        ("sweep_decode_attention", sweep_decode_attention),
         ("prefill_attention", bench_prefill_attention),
     ];
     for (name, run) in benches {
         let wanted = only
             .as_ref()
             .is_none_or(|o| o.split(',').any(|n| n == name));
-        if wanted && !(b.quick && name == "sweep_gemv") {
+        if wanted && !(b.quick && name.starts_with("sweep")) {
             run(&mut b);
         }
     }

@@ -306,6 +306,19 @@ impl Workspace {
         max_context: usize,
     ) -> Self {
         let split_keys = split_keys(tokens, kv_heads, max_context);
+        Self::with_split_keys(client, tokens, heads, head_dim, max_context, split_keys)
+    }
+
+    /// [`Workspace::new`] with the keys per split chosen by the caller (64 to 512; the
+    /// benchmark sweeps them).
+    pub fn with_split_keys<R: Runtime>(
+        client: &ComputeClient<R>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        max_context: usize,
+        split_keys: usize,
+    ) -> Self {
         let max_splits = max_context.div_ceil(split_keys).max(1);
         let n = tokens * heads * max_splits;
         Self {
