@@ -2,8 +2,10 @@
 //! launched directly on device buffers: no Burn ops and no fusion layer on the hot path.
 //! Generic over the CubeCL runtime (CUDA in the engine, wgpu in CI) and the element type.
 //!
-//! Per layer: RMSNorm(+residual) → Q/K/V GEMV (+bias) → [Q/K RMSNorm] → RoPE + KV write →
-//! paged attention → O GEMV → RMSNorm(+residual) → gate-up GEMV with SiLU·mul → down GEMV.
+//! Per layer at decode sizes (≤ 8 rows, seven launches): Q/K/V GEMV with the RMSNorm folded in
+//! (+bias) → [Q/K RMSNorm] → RoPE + KV write → paged attention → O GEMV adding into the
+//! residual stream → gate-up GEMV with the RMSNorm folded in and SiLU·mul → down GEMV adding
+//! into the residual stream. Larger batches run a fused add+RMSNorm kernel before cubek's GEMMs.
 //! Attention: one-token chunks (decode) run the split-K paged decode kernel, longer chunks
 //! (prefill, chunked prefill) the tiled causal kernel on tensor cores; logits are computed for
 //! the sampled rows only.
