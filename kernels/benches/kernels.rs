@@ -338,7 +338,7 @@ fn bench_decode_attention(b: &mut Bench) {
 fn sweep_decode_attention(b: &mut Bench) {
     let (kv_heads, group, head_dim, block_size) = (8usize, 4usize, 128usize, 16usize);
     let heads = kv_heads * group;
-    for ctx in [516usize, 2048] {
+    for ctx in [516usize, 2048, 8192, 32768] {
         let max_blocks = ctx.div_ceil(block_size);
         let slots = max_blocks * block_size;
         let q = b.random(heads * head_dim);
