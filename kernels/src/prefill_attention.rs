@@ -340,11 +340,17 @@ fn prefill_attention_kernel<F: Float, N: Size>(
             if r < rows && k0 <= qpos {
                 last = usize::min(bc, qpos + 1 - k0);
             }
+            // Unrolled (the block and head sizes are compile-time): no loop overhead, and the
+            // shared-memory loads issue back to back.
             let mut m = m_old;
-            for c in 0..last {
-                m = f32::max(m, s_s[c * ss + r] * scale);
+            #[unroll]
+            for c in 0..bc {
+                if c < last {
+                    m = f32::max(m, s_s[c * ss + r] * scale);
+                }
             }
             let mut sum = f32::new(0.0);
+            #[unroll]
             for c in 0..bc {
                 let mut p = f32::new(0.0);
                 if c < last {
@@ -356,7 +362,8 @@ fn prefill_attention_kernel<F: Float, N: Size>(
             // Rescale the row's output if its max grew.
             let alpha = f32::exp(m_old - m);
             if alpha < 1.0 {
-                for c in 0..d {
+                #[unroll]
+                for c in 0..head_dim {
                     o_s[c * os + r] *= alpha;
                 }
             }
