@@ -263,125 +263,94 @@ fn sweep_gemv(b: &mut Bench) {
 }
 
 fn bench_decode_attention(b: &mut Bench) {
-    let (kv_heads, group, head_dim, block_size) = (8usize, 4usize, 128usize, 16usize);
     let shapes: &[(usize, usize)] = if b.quick {
         &[(1, 700), (3, 90)]
     } else {
         &[(1, 8192), (1, 32768), (16, 2048), (64, 1000)]
     };
     for &(tokens, ctx) in shapes {
-        let heads = kv_heads * group;
-        let max_blocks = ctx.div_ceil(block_size);
-        let num_blocks = tokens * max_blocks;
-        let slots = num_blocks * block_size;
-        let q = b.random(tokens * heads * head_dim);
-        let k = b.random(slots * kv_heads * head_dim);
-        let v = b.random(slots * kv_heads * head_dim);
-        // Every token owns a shuffled set of blocks.
-        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-        for i in (1..ids.len()).rev() {
-            let j = b.rng.random_range(0..=i);
-            ids.swap(i, j);
-        }
-        let ctxs: Vec<u32> = (0..tokens).map(|t| (ctx - t % 7) as u32).collect();
-        let shape = pda::Shape {
-            kv_heads,
-            group,
-            head_dim,
-            block_size,
-            max_blocks,
+        decode_attention_case(b, tokens, ctx, &[None]);
+    }
+}
+
+/// Decode attention's keys per split, one token at short to long context (the default picks
+/// the shortest split that yields enough cubes).
+fn sweep_decode_attention(b: &mut Bench) {
+    for ctx in [516, 2048, 8192, 32768] {
+        decode_attention_case(b, 1, ctx, &[Some(64), Some(128), Some(256), Some(512)]);
+    }
+}
+
+/// `tokens` decode queries of about `ctx` keys each (Llama-3.1-8B heads), each over a shuffled
+/// set of blocks: checked, then timed once per split length (`None`: the default).
+fn decode_attention_case(b: &mut Bench, tokens: usize, ctx: usize, splits: &[Option<usize>]) {
+    let (kv_heads, group, head_dim, block_size) = (8usize, 4usize, 128usize, 16usize);
+    let heads = kv_heads * group;
+    let max_blocks = ctx.div_ceil(block_size);
+    let num_blocks = tokens * max_blocks;
+    let slots = num_blocks * block_size;
+    let q = b.random(tokens * heads * head_dim);
+    let k = b.random(slots * kv_heads * head_dim);
+    let v = b.random(slots * kv_heads * head_dim);
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        let j = b.rng.random_range(0..=i);
+        ids.swap(i, j);
+    }
+    let ctxs: Vec<u32> = (0..tokens).map(|t| (ctx - t % 7) as u32).collect();
+    let shape = pda::Shape {
+        kv_heads,
+        group,
+        head_dim,
+        block_size,
+        max_blocks,
+    };
+    let (qh, kh, vh) = (b.upload(&q), b.upload(&k), b.upload(&v));
+    let bt = b.client.create_from_slice(u32::as_bytes(&ids));
+    let cl = b.client.create_from_slice(u32::as_bytes(&ctxs));
+    let rows: Vec<u32> = (0..tokens as u32).collect();
+    let rows = b.client.create_from_slice(u32::as_bytes(&rows));
+    let queries = pda::Queries {
+        count: tokens,
+        rows: &rows,
+        block_tables: &bt,
+        context_lens: &cl,
+    };
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let want = (tokens * ctx <= 64 * 1024 || tokens == 1)
+        .then(|| pda::reference(shape, &q, &k, &v, &ids, &ctxs, scale));
+    for &split in splits {
+        let ws = match split {
+            Some(s) => pda::Workspace::with_split_keys(&b.client, tokens, heads, head_dim, ctx, s),
+            None => pda::Workspace::new(&b.client, tokens, kv_heads, heads, head_dim, ctx),
         };
-        let (qh, kh, vh) = (b.upload(&q), b.upload(&k), b.upload(&v));
-        let bt = b.client.create_from_slice(u32::as_bytes(&ids));
-        let cl = b.client.create_from_slice(u32::as_bytes(&ctxs));
         let out = b.poisoned(q.len());
-        let ws = pda::Workspace::new(&b.client, tokens, kv_heads, heads, head_dim, ctx);
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let rows: Vec<u32> = (0..tokens as u32).collect();
-        let rows = b.client.create_from_slice(u32::as_bytes(&rows));
-        let queries = pda::Queries {
-            count: tokens,
-            rows: &rows,
-            block_tables: &bt,
-            context_lens: &cl,
-        };
         let run = |b: &Bench| {
             pda::launch::<R, bf16>(&b.client, shape, queries, &qh, &kh, &vh, &out, &ws, scale)
         };
         run(b);
         let got = b.read(out.clone());
-        let err = if tokens * ctx <= 64 * 1024 {
-            let want = pda::reference(shape, &q, &k, &v, &ids, &ctxs, scale);
-            b.check("paged_decode_attention", &got, &want, 2e-2)
-        } else {
-            assert!(
-                got.iter().all(|x| x.is_finite()),
-                "attention: unwritten output"
-            );
-            f64::NAN
+        let err = match &want {
+            Some(want) => b.check("paged_decode_attention", &got, want, 2e-2),
+            None => {
+                assert!(
+                    got.iter().all(|x| x.is_finite()),
+                    "attention: unwritten output"
+                );
+                f64::NAN
+            }
         };
-        let secs = b.time(20, |_| run(b));
+        let secs = b.time(if split.is_some() { 50 } else { 20 }, |_| run(b));
         let keys: usize = ctxs.iter().map(|&c| c as usize).sum();
         let bytes = (keys * kv_heads * head_dim * 2 * 2) as f64;
-        b.record(
-            "paged_decode_attention",
-            format!("tok={tokens} ctx={ctx} kvh=8 g=4 d=128"),
-            secs,
-            bytes,
-            err,
-        );
-    }
-}
-
-/// Decode attention's keys per split, one token at short and medium context (the default
-/// picks the shortest split that yields enough cubes).
-fn sweep_decode_attention(b: &mut Bench) {
-    let (kv_heads, group, head_dim, block_size) = (8usize, 4usize, 128usize, 16usize);
-    let heads = kv_heads * group;
-    for ctx in [516usize, 2048, 8192, 32768] {
-        let max_blocks = ctx.div_ceil(block_size);
-        let slots = max_blocks * block_size;
-        let q = b.random(heads * head_dim);
-        let k = b.random(slots * kv_heads * head_dim);
-        let v = b.random(slots * kv_heads * head_dim);
-        let ids: Vec<u32> = (0..max_blocks as u32).rev().collect();
-        let shape = pda::Shape {
-            kv_heads,
-            group,
-            head_dim,
-            block_size,
-            max_blocks,
+        let (name, desc) = match split {
+            Some(s) => ("decode attn (split)", format!("split={s} tok=1 ctx={ctx}")),
+            None => (
+                "paged_decode_attention",
+                format!("tok={tokens} ctx={ctx} kvh=8 g=4 d=128"),
+            ),
         };
-        let (qh, kh, vh) = (b.upload(&q), b.upload(&k), b.upload(&v));
-        let bt = b.client.create_from_slice(u32::as_bytes(&ids));
-        let cl = b.client.create_from_slice(u32::as_bytes(&[ctx as u32]));
-        let rows = b.client.create_from_slice(u32::as_bytes(&[0u32]));
-        let queries = pda::Queries {
-            count: 1,
-            rows: &rows,
-            block_tables: &bt,
-            context_lens: &cl,
-        };
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let want = pda::reference(shape, &q, &k, &v, &ids, &[ctx as u32], scale);
-        for split in [64usize, 128, 256, 512] {
-            let ws = pda::Workspace::with_split_keys(&b.client, 1, heads, head_dim, ctx, split);
-            let out = b.poisoned(q.len());
-            let run = |b: &Bench| {
-                pda::launch::<R, bf16>(&b.client, shape, queries, &qh, &kh, &vh, &out, &ws, scale)
-            };
-            run(b);
-            let err = b.check("decode attention sweep", &b.read(out.clone()), &want, 2e-2);
-            let secs = b.time(50, |_| run(b));
-            let bytes = (ctx * kv_heads * head_dim * 2 * 2) as f64;
-            b.record(
-                "decode attn (split)",
-                format!("split={split} tok=1 ctx={ctx}"),
-                secs,
-                bytes,
-                err,
-            );
-        }
+        b.record(name, desc, secs, bytes, err);
     }
 }
 
