@@ -27,7 +27,7 @@ pub struct Tuning {
     pub depth: usize,
 }
 
-/// The tuning `launch` uses (kernels bench, H100: `gemv (planes×rows×depth)` sweep).
+/// The tuning `launch` uses (kernels bench on the H100, `gemv (p×r×d)` sweep: benches/RESULTS.md).
 pub const DEFAULT_TUNING: Tuning = Tuning {
     planes: 4,
     rows_per_plane: 1,
