@@ -3,9 +3,8 @@
 //! their keys in blocks with an online softmax (f32), so scores never leave shared memory.
 //!
 //! A cube serves one (query tile, head): 16 consecutive query rows of one sequence per plane.
-//! For each block of keys (gathered through the block table) it computes
-//! S = Q·Kᵀ, updates each row's running max and sum, rescales the output rows whose max grew,
-//! and adds P·V. Where the device has tensor cores (`cmma`, 16×16×16, f32 accumulation) each
+//! For each block of keys (gathered through the block table) it computes S = Q·Kᵀ, updates each
+//! row's running max and sum, rescales the output rows whose max grew, and adds P·V. Where the device has tensor cores (`cmma`, 16×16×16, f32 accumulation) each
 //! plane owns 16 query rows and runs both products on them; elsewhere the units compute the
 //! same tiles element by element (the CPU CI path; identical layouts, masking and softmax).
 //! Query row r of a tile sits at position `first_pos + r` and sees keys `0..=first_pos + r`.
@@ -173,9 +172,10 @@ fn prefill_attention_kernel<F: Float, N: Size>(
 
     let br = comptime![PLANE_ROWS * planes];
     let d = head_dim;
-    let qs = comptime![head_dim + PAD_F]; // Q, K, V row stride
-                                          // S, P and O are stored column-major (column stride below), so the softmax's one unit per
-                                          // row walks them with consecutive units on consecutive addresses (no bank conflicts).
+    // Q, K and V are row-major with row stride `qs`. S, P and O are column-major (column
+    // strides `ss`, `ps`, `os`), so the softmax's one unit per row walks them with consecutive
+    // units on consecutive addresses (no bank conflicts).
+    let qs = comptime![head_dim + PAD_F];
     let ss = comptime![PLANE_ROWS * planes + PAD_F32];
     let ps = comptime![PLANE_ROWS * planes + PAD_F];
     let os = comptime![PLANE_ROWS * planes + PAD_F32];
