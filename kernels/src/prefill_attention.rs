@@ -47,19 +47,14 @@ impl Tiling {
     ) -> Self {
         let limit = client.properties().hardware.max_shared_memory_size;
         let cmma = has_tensor_cores::<R, F>(client);
-        [(4, 64), (2, 32), (1, 16)]
-            .into_iter()
-            .map(|(planes, block_keys)| Tiling {
-                planes,
-                block_keys,
-                cmma,
-            })
-            .find(|t| t.shared_bytes(shape.head_dim, size_of::<F>()) <= limit)
-            .unwrap_or(Tiling {
-                planes: 1,
-                block_keys: 16,
-                cmma,
-            })
+        let tilings = [(4, 64), (2, 32), (1, 16)].map(|(planes, block_keys)| Tiling {
+            planes,
+            block_keys,
+            cmma,
+        });
+        // The smallest one when none fits: its launch then reports the device's refusal.
+        let fits = |t: &&Tiling| t.shared_bytes(shape.head_dim, size_of::<F>()) <= limit;
+        *tilings.iter().find(fits).unwrap_or(&tilings[2])
     }
 
     pub fn tile_rows(&self) -> usize {

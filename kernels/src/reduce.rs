@@ -1,5 +1,5 @@
-//! Reduction across a cube: each plane reduces with plane ops (any
-//! `PLANE_DIM`), then the planes' partials meet in shared memory.
+//! Reduction across a cube: each plane reduces with plane ops (any `PLANE_DIM`), then the
+//! planes' partials meet in shared memory.
 
 use cubecl::prelude::*;
 
