@@ -7,12 +7,14 @@ use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use cubecl::Runtime;
 use kiln::loader::open_model;
 use kiln::models::llama_kernels::KernelLlama;
-use kiln::runner::Forward;
+use kiln::runner::batch::Batch;
+use kiln::runner::sampler::argmax;
+use kiln::runner::{Forward, Readback, StepOutput};
 
-fn check(name: &str) {
+fn load(name: &str) -> KernelLlama<WgpuRuntime, f32> {
     let files = open_model(&common::fixture(&format!("tiny/{name}"))).unwrap();
     let client = WgpuRuntime::client(&WgpuDevice::default());
-    let mut model = KernelLlama::<WgpuRuntime, f32>::load(
+    KernelLlama::<WgpuRuntime, f32>::load(
         client,
         &files.weights,
         &files.config,
@@ -20,8 +22,46 @@ fn check(name: &str) {
         common::TINY_NUM_BLOCKS,
         common::TINY_BLOCK,
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn check(name: &str) {
+    let mut model = load(name);
     common::check_tiny_logits(name, |batch| model.forward(batch).unwrap());
+}
+
+/// The engine's overlapped decode: a greedy step's token is chosen on the device and the next
+/// step, queued before it is collected, takes it as a deferred input. Same tokens and logits as
+/// choosing on the host and feeding the token back.
+#[test]
+fn deferred_greedy_tokens_match_host_argmax() {
+    let (table, block) = (&common::TINY_BLOCK_TABLE, common::TINY_BLOCK);
+    let prompt: Vec<u32> = (0..9).map(|i| 3 + 7 * i).collect();
+    let mut prefill = Batch::default();
+    prefill.push_seq(&prompt, prompt.len(), table, block, true);
+    let decode = |token: u32| {
+        let mut b = Batch::default();
+        b.push_seq(&[token], prompt.len() + 1, table, block, true);
+        b
+    };
+
+    let mut host = load("llama");
+    let token = argmax(&host.forward(&prefill).unwrap());
+    let expected = host.forward(&decode(token)).unwrap();
+
+    let mut device = load("llama");
+    device.submit(&prefill, Readback::Greedy).unwrap();
+    let mut next = decode(u32::MAX);
+    next.defer_last(0);
+    device.submit(&next, Readback::Logits).unwrap();
+    match device.collect().unwrap() {
+        StepOutput::Tokens(t) => assert_eq!(t, vec![token]),
+        other => panic!("greedy step brought back {other:?}"),
+    }
+    match device.collect().unwrap() {
+        StepOutput::Logits(l) => assert!(common::rel_err(&l, &expected) < 1e-6),
+        other => panic!("logits step brought back {other:?}"),
+    }
 }
 
 #[test]

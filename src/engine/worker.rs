@@ -1,19 +1,24 @@
 //! The engine thread: owns the scheduler, the model runner and every request's decoding state,
-//! and runs one loop — take commands, schedule, forward, sample, stream out.
+//! and runs one loop — take commands, schedule, queue the forward, collect the previous one,
+//! sample, stream out.
+//!
+//! When every row of the step in flight is greedy, its tokens are chosen on the device and the
+//! next step is queued before they are collected (taking them as deferred inputs), so the host's
+//! work — reading the tokens, detokenizing, streaming, scheduling — overlaps the device's.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use super::request::{Chunk, FinishReason, SamplingParams};
+use super::request::{Chunk, FinishReason, Logprobs, SamplingParams};
 use super::stream::StreamSender;
 use crate::error::{Error, Result};
 use crate::loader::tokenizer::Tokenizer;
 use crate::runner::sampler::Sampler;
-use crate::runner::Forward;
+use crate::runner::{Forward, Readback, StepOutput};
 use crate::scheduler::sequence::Sequence;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Scheduler, Step};
 use crate::text::detokenizer::Detokenizer;
 use crate::text::stop::StopMatcher;
 
@@ -40,11 +45,18 @@ struct Active {
     stop_ids: Vec<u32>,
 }
 
+/// A step queued on the device and not yet collected.
+struct InFlight {
+    step: Step,
+    readback: Readback,
+}
+
 pub(crate) struct Worker {
     pub runner: Box<dyn Forward>,
     pub scheduler: Scheduler,
     pub tokenizer: Arc<Tokenizer>,
     active: HashMap<u64, Active>,
+    in_flight: Option<InFlight>,
 }
 
 impl Worker {
@@ -54,12 +66,13 @@ impl Worker {
             scheduler,
             tokenizer,
             active: HashMap::new(),
+            in_flight: None,
         }
     }
 
     pub fn run(mut self, commands: Receiver<Command>) {
         loop {
-            if !self.scheduler.has_work() {
+            if !self.scheduler.has_work() && self.in_flight.is_none() {
                 match commands.recv() {
                     Ok(c) => {
                         if !self.handle(c) {
@@ -133,30 +146,81 @@ impl Worker {
     }
 
     fn step(&mut self) {
-        let Some(step) = self.scheduler.schedule() else {
+        // The host samples a `Logits` step's tokens: they must be in before the next is built.
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.readback == Readback::Logits)
+        {
+            self.collect();
+        }
+        let queued = self.scheduler.schedule().and_then(|step| self.submit(step));
+        if self.in_flight.is_some() {
+            self.collect();
+        }
+        if let Some(f) = queued {
+            self.scheduler.await_tokens(&f.step.sampled);
+            self.in_flight = Some(f);
+        }
+    }
+
+    /// Queues a step on the device: greedy readback when every sampled row is greedy.
+    fn submit(&mut self, step: Step) -> Option<InFlight> {
+        let greedy = step
+            .sampled
+            .iter()
+            .all(|id| self.active.get(id).is_some_and(|a| a.sampler.is_greedy()));
+        let readback = if greedy {
+            Readback::Greedy
+        } else {
+            Readback::Logits
+        };
+        let runner = &mut self.runner;
+        let outcome = catch_unwind(AssertUnwindSafe(|| runner.submit(&step.batch, readback)))
+            .unwrap_or_else(|panic| Err(Error::Device(panic_message(panic))));
+        match outcome {
+            Ok(()) => {
+                self.scheduler.complete(&step.scheduled);
+                Some(InFlight { step, readback })
+            }
+            Err(e) => {
+                self.fail(&step, &e);
+                None
+            }
+        }
+    }
+
+    /// Collects the step in flight: samples (or takes the device's tokens) and streams them.
+    fn collect(&mut self) {
+        let Some(InFlight { step, .. }) = self.in_flight.take() else {
             return;
         };
         let runner = &mut self.runner;
-        let outcome = catch_unwind(AssertUnwindSafe(|| runner.forward(&step.batch)))
+        let outcome = catch_unwind(AssertUnwindSafe(|| runner.collect()))
             .unwrap_or_else(|panic| Err(Error::Device(panic_message(panic))));
-        let mut logits = match outcome {
-            Ok(l) => l,
-            Err(e) => {
-                // A device failure belongs to the whole step: fail those requests, keep serving.
-                for &(id, _) in &step.scheduled {
-                    if let Some(a) = self.active.get(&id) {
-                        a.sender.send(Err(Error::Device(e.to_string())));
-                    }
-                    self.finish(id);
-                }
-                return;
-            }
-        };
-        self.scheduler.complete(&step.scheduled);
         let vocab = self.runner.vocab_size();
+        let mut output = match outcome {
+            Ok(out) => out,
+            Err(e) => return self.fail(&step, &e),
+        };
         for (row, &id) in step.sampled.iter().enumerate() {
-            let row_logits = &mut logits[row * vocab..(row + 1) * vocab];
-            match self.emit(id, row_logits) {
+            let Some(a) = self.active.get_mut(&id) else {
+                continue; // finished or aborted while the step ran
+            };
+            let picked = match &mut output {
+                StepOutput::Tokens(tokens) => tokens.get(row).map(|&t| {
+                    a.sampler.record(t);
+                    (t, None)
+                }),
+                StepOutput::Logits(logits) => logits
+                    .get_mut(row * vocab..(row + 1) * vocab)
+                    .map(|l| a.sampler.sample(l)),
+            };
+            let outcome = match picked {
+                Some((token, logprobs)) => self.emit(id, token, logprobs),
+                None => Err(Error::Device(format!("the step brought back no row {row}"))),
+            };
+            match outcome {
                 Ok(true) => {}
                 Ok(false) => self.finish(id),
                 Err(e) => {
@@ -169,12 +233,21 @@ impl Worker {
         }
     }
 
-    /// Samples a sequence's next token and streams it; false once the request is over.
-    fn emit(&mut self, id: u64, logits: &mut [f32]) -> Result<bool> {
+    /// A device failure belongs to the whole step: fail its requests, keep serving the rest.
+    fn fail(&mut self, step: &Step, e: &Error) {
+        for &(id, _) in &step.scheduled {
+            if let Some(a) = self.active.get(&id) {
+                a.sender.send(Err(Error::Device(e.to_string())));
+            }
+            self.finish(id);
+        }
+    }
+
+    /// Appends a sequence's next token and streams it; false once the request is over.
+    fn emit(&mut self, id: u64, token: u32, logprobs: Option<Logprobs>) -> Result<bool> {
         let Some(a) = self.active.get_mut(&id) else {
             return Ok(false);
         };
-        let (token, logprobs) = a.sampler.sample(logits);
         self.scheduler.append(id, token);
         let generated = self.scheduler.get(id).map_or(0, Sequence::num_generated);
         let tok = &self.tokenizer;

@@ -10,13 +10,18 @@
 //! (prefill, chunked prefill) the tiled causal kernel on tensor cores; logits are computed for
 //! the sampled rows only.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 
+use kiln_kernels::cubecl::bytes::Bytes;
+use kiln_kernels::cubecl::future;
 use kiln_kernels::cubecl::prelude::*;
-use kiln_kernels::cubecl::server::Handle;
+use kiln_kernels::cubecl::server::{Handle, ServerError};
 use kiln_kernels::{
-    embedding, gemv, matmul, paged_decode_attention as decode_attention, prefill_attention,
-    rms_norm, rope_kv_write, silu_mul,
+    argmax, deferred_tokens, embedding, gemv, matmul, paged_decode_attention as decode_attention,
+    prefill_attention, rms_norm, rope_kv_write, silu_mul,
 };
 
 use super::config::Config;
@@ -24,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::loader::weights::Weights;
 use crate::ops::rope::cos_sin_tables;
 use crate::runner::batch::Batch;
-use crate::runner::Forward;
+use crate::runner::{Forward, Readback, StepOutput};
 
 struct Proj {
     /// `[out, in]`, row-major (HF layout: one weight row per output).
@@ -65,9 +70,26 @@ fn exactly<const N: usize>(outs: Vec<Handle>) -> Result<[Handle; N]> {
         .map_err(|v: Vec<Handle>| Error::Device(format!("{} outputs where {N} were due", v.len())))
 }
 
+/// A device-to-host copy queued behind a step's kernels.
+type Read = Pin<Box<dyn Future<Output = std::result::Result<Vec<Bytes>, ServerError>> + Send>>;
+
+/// A submitted step not yet collected: its rows' copy to the host, if it has rows.
+struct Pending {
+    read: Option<Read>,
+    readback: Readback,
+    rows: usize,
+}
+
 /// A model's weights and KV pool on a CubeCL device.
 pub struct KernelLlama<R: Runtime, F: Float + CubeElement> {
     client: ComputeClient<R>,
+    /// The same client, borrowed for the program's life: a queued read's future borrows the
+    /// client it was made from, and it must outlive `submit` to be waited on in `collect`.
+    /// (CubeCL keeps a device's client for the program's life anyway.)
+    reader: &'static ComputeClient<R>,
+    pending: VecDeque<Pending>,
+    /// The last greedy step's tokens on the device: the next step's deferred inputs.
+    last_tokens: Option<Handle>,
     config: Config,
     embed: Handle,
     lm_head: Proj,
@@ -235,6 +257,9 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
                 },
             ),
             config: config.clone(),
+            reader: Box::leak(Box::new(client.clone())),
+            pending: VecDeque::new(),
+            last_tokens: None,
             client,
             _elem: PhantomData,
         })
@@ -348,8 +373,9 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
         self.config.vocab_size
     }
 
-    /// One forward over the flat batch; returns f32 logits, one row per `batch.logit_indices`.
-    fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>> {
+    /// Queues one forward over the flat batch, then its rows' copy to the host: the logits, or
+    /// the greedy tokens picked on the device.
+    fn submit(&mut self, batch: &Batch, readback: Readback) -> Result<()> {
         let c = &self.config;
         let cl = &self.client;
         let t = batch.num_tokens();
@@ -423,6 +449,15 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
             self.u32s(&positions),
             self.u32s(&slots),
         );
+        if !batch.deferred.is_empty() {
+            let previous = self.last_tokens.as_ref().ok_or_else(|| {
+                Error::Device("deferred tokens without a greedy step before".into())
+            })?;
+            let at: Vec<u32> = batch.deferred.iter().map(|d| d.index as u32).collect();
+            let rows: Vec<u32> = batch.deferred.iter().map(|d| d.prev_row as u32).collect();
+            let (at, rows) = (self.u32s(&at), self.u32s(&rows));
+            deferred_tokens::launch(cl, &ids, &at, &rows, previous, batch.deferred.len());
+        }
         let scale = 1.0 / (hd as f32).sqrt();
         let eps = c.rms_norm_eps as f32;
 
@@ -513,8 +548,13 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
         }
         let n = batch.logit_indices.len();
         if n == 0 {
-            // A prompt chunk before the last: its K/V writes are queued, no logits are due.
-            return Ok(Vec::new());
+            // A prompt chunk before the last: its K/V writes are queued, no rows are due.
+            self.pending.push_back(Pending {
+                read: None,
+                readback,
+                rows: 0,
+            });
+            return Ok(());
         }
         let normed = cl.empty(t * h * es);
         let pending = stream.pending.take();
@@ -532,14 +572,48 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
         let picked = cl.empty(n * h * es);
         embedding::launch::<R, F>(cl, &normed, &self.u32s(&rows), &picked, n, h);
         let logits = self.project(&picked, &self.lm_head, n)?;
-        let bytes = cl
-            .read_one(logits)
-            .map_err(|e| Error::Device(format!("reading logits: {e:?}")))?;
-        let mut out: Vec<f32> = F::from_bytes(&bytes)
-            .iter()
-            .map(|x| x.to_f32().unwrap_or(f32::NAN))
-            .collect();
-        out.truncate(n * c.vocab_size);
-        Ok(out)
+        let out = match readback {
+            Readback::Logits => logits,
+            Readback::Greedy => {
+                let tokens = cl.empty(n * size_of::<u32>());
+                argmax::launch::<R, F>(cl, &logits, &tokens, n, c.vocab_size);
+                self.last_tokens = Some(tokens.clone());
+                tokens
+            }
+        };
+        self.pending.push_back(Pending {
+            read: Some(Box::pin(self.reader.read_async(vec![out]))),
+            readback,
+            rows: n,
+        });
+        Ok(())
+    }
+
+    /// Waits for the oldest submitted step's rows.
+    fn collect(&mut self) -> Result<StepOutput> {
+        let p = self
+            .pending
+            .pop_front()
+            .ok_or_else(|| Error::Device("collect without a submitted step".into()))?;
+        let Some(read) = p.read else {
+            return Ok(match p.readback {
+                Readback::Greedy => StepOutput::Tokens(Vec::new()),
+                Readback::Logits => StepOutput::Logits(Vec::new()),
+            });
+        };
+        let parts = future::block_on(read)
+            .map_err(|e| Error::Device(format!("reading the step's rows: {e:?}")))?;
+        let bytes: &[u8] = parts.first().map_or(&[], |b| b);
+        Ok(match p.readback {
+            Readback::Greedy => StepOutput::Tokens(u32::from_bytes(bytes).to_vec()),
+            Readback::Logits => {
+                let mut out: Vec<f32> = F::from_bytes(bytes)
+                    .iter()
+                    .map(|x| x.to_f32().unwrap_or(f32::NAN))
+                    .collect();
+                out.truncate(p.rows * self.config.vocab_size);
+                StepOutput::Logits(out)
+            }
+        })
     }
 }

@@ -13,6 +13,14 @@ pub struct SeqChunk {
     pub block_table: Vec<u32>,
 }
 
+/// An input token not known on the host yet: the previous step's greedy pick for its logits
+/// row `prev_row`, filled in on the device into flat position `index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeferredToken {
+    pub index: usize,
+    pub prev_row: usize,
+}
+
 /// Tokens of several sequences, prefill and decode mixed, run in one forward.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Batch {
@@ -23,6 +31,8 @@ pub struct Batch {
     pub seqs: Vec<SeqChunk>,
     /// Flat indices of the tokens whose logits are wanted, one row of logits each.
     pub logit_indices: Vec<usize>,
+    /// Tokens of `token_ids` (placeholders there) that the previous step chose on the device.
+    pub deferred: Vec<DeferredToken>,
 }
 
 impl Batch {
@@ -54,6 +64,13 @@ impl Batch {
             context_len,
             block_table: block_table.to_vec(),
         });
+    }
+
+    /// Marks the batch's last token as the previous step's greedy pick for row `prev_row`.
+    pub fn defer_last(&mut self, prev_row: usize) {
+        if let Some(index) = self.token_ids.len().checked_sub(1) {
+            self.deferred.push(DeferredToken { index, prev_row });
+        }
     }
 
     pub fn num_tokens(&self) -> usize {

@@ -1,9 +1,13 @@
-//! Runs a flat batch through the model on its device and brings back the logits rows.
+//! Runs a flat batch through the Burn model on its device and brings back the logits rows.
+//! Synchronous: a step runs to completion in `submit`, and `collect` hands its rows back.
+
+use std::collections::VecDeque;
 
 use burn::tensor::{backend::Backend, DType};
 
 use super::batch::Batch;
-use super::Forward;
+use super::sampler::argmax;
+use super::{Forward, Readback, StepOutput};
 use crate::error::{Error, Result};
 use crate::models::llama::Llama;
 use crate::ops::attention::{PagedAttention, ReferenceAttention};
@@ -14,6 +18,10 @@ pub struct ModelRunner<B: Backend> {
     model: Llama<B>,
     cache: KvCache<B>,
     attention: Box<dyn PagedAttention<B>>,
+    /// Submitted steps' rows, oldest first.
+    done: VecDeque<StepOutput>,
+    /// The last submitted step's greedy tokens, for the next step's deferred inputs.
+    last_tokens: Vec<u32>,
 }
 
 impl<B: Backend> ModelRunner<B> {
@@ -38,6 +46,8 @@ impl<B: Backend> ModelRunner<B> {
             model,
             cache,
             attention: Box::new(ReferenceAttention),
+            done: VecDeque::new(),
+            last_tokens: Vec::new(),
         }
     }
 }
@@ -47,13 +57,41 @@ impl<B: Backend> Forward for ModelRunner<B> {
         self.model.config().vocab_size
     }
 
-    fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>> {
+    fn submit(&mut self, batch: &Batch, readback: Readback) -> Result<()> {
+        let mut resolved;
+        let batch = if batch.deferred.is_empty() {
+            batch
+        } else {
+            resolved = batch.clone();
+            for d in &batch.deferred {
+                resolved.token_ids[d.index] =
+                    *self.last_tokens.get(d.prev_row).ok_or_else(|| {
+                        Error::Device(format!("no greedy token for previous row {}", d.prev_row))
+                    })?;
+            }
+            &resolved
+        };
         let logits = self
             .model
-            .forward(batch, &mut self.cache, self.attention.as_ref());
-        logits
+            .forward(batch, &mut self.cache, self.attention.as_ref())
             .into_data()
             .into_vec::<f32>()
-            .map_err(|e| Error::Device(format!("reading logits: {e:?}")))
+            .map_err(|e| Error::Device(format!("reading logits: {e:?}")))?;
+        let out = match readback {
+            Readback::Logits => StepOutput::Logits(logits),
+            Readback::Greedy => {
+                let vocab = self.vocab_size();
+                self.last_tokens = logits.chunks_exact(vocab).map(argmax).collect();
+                StepOutput::Tokens(self.last_tokens.clone())
+            }
+        };
+        self.done.push_back(out);
+        Ok(())
+    }
+
+    fn collect(&mut self) -> Result<StepOutput> {
+        self.done
+            .pop_front()
+            .ok_or_else(|| Error::Device("collect without a submitted step".into()))
     }
 }

@@ -32,6 +32,23 @@ impl Sampler {
         }
     }
 
+    /// Whether the next token is the plain argmax of the logits (no temperature, penalties or
+    /// log-probabilities), which the device can choose without the logits reaching the host.
+    pub fn is_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature == 0.0
+            && p.logprobs.is_none()
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+    }
+
+    /// Records a token chosen elsewhere (on the device) as this sequence's next.
+    pub fn record(&mut self, token: u32) {
+        self.seen.insert(token);
+        *self.output_counts.entry(token).or_default() += 1;
+    }
+
     /// Picks the next token from `logits` (one row, f32) and records it.
     pub fn sample(&mut self, logits: &mut [f32]) -> (u32, Option<Logprobs>) {
         let raw_logprobs = self.params.logprobs.map(|_| log_softmax(logits));
@@ -51,8 +68,7 @@ impl Sampler {
                 top: top_n(&lp, n),
             }
         });
-        self.seen.insert(token);
-        *self.output_counts.entry(token).or_default() += 1;
+        self.record(token);
         (token, logprobs)
     }
 

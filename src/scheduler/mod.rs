@@ -1,6 +1,10 @@
 //! First-come-first-served continuous batching: every step, running sequences decode, waiting
 //! ones are admitted (prompts chunked to the token budget), and when the KV pool runs short the
 //! newest sequence is preempted and later recomputed, so no accepted request is lost.
+//!
+//! A running sequence whose last token is still being chosen on the device (`awaiting`) is
+//! scheduled all the same: its input is a deferred token, filled in on the device from the
+//! step in flight. Such a sequence, if preempted, waits to be readmitted until its token is in.
 
 pub mod sequence;
 
@@ -96,6 +100,9 @@ impl Scheduler {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
+            if seq.awaiting.is_some() {
+                break; // recomputing it needs every token on the host
+            }
             let n = seq.num_pending().min(budget);
             let target = seq.num_computed + n;
             if !self.pool.grow(&mut seq.block_table, target) {
@@ -118,14 +125,17 @@ impl Scheduler {
         for (i, n) in plan {
             let s = &self.running[i];
             let end = s.num_computed + n;
-            let sample = end == s.tokens.len();
-            batch.push_seq(
-                &s.tokens[s.num_computed..end],
-                end,
-                &s.block_table,
-                block_size,
-                sample,
-            );
+            let known = end.min(s.tokens.len());
+            let sample = end == s.tokens.len() + usize::from(s.awaiting.is_some());
+            let mut tokens = s.tokens[s.num_computed..known].to_vec();
+            let deferred = s.awaiting.filter(|_| end > known);
+            if deferred.is_some() {
+                tokens.push(0); // placeholder, filled in on the device
+            }
+            batch.push_seq(&tokens, end, &s.block_table, block_size, sample);
+            if let Some(row) = deferred {
+                batch.defer_last(row);
+            }
             scheduled.push((s.id, n));
             if sample {
                 sampled.push(s.id);
@@ -138,7 +148,8 @@ impl Scheduler {
         })
     }
 
-    /// Records that a step ran: its tokens are now cached.
+    /// Records that a step was queued: its tokens are cached once it runs, which every later
+    /// step's work is ordered after.
     pub fn complete(&mut self, scheduled: &[(u64, usize)]) {
         for &(id, n) in scheduled {
             if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
@@ -147,17 +158,36 @@ impl Scheduler {
         }
     }
 
-    /// Appends a sampled token to a sequence.
+    /// Appends a sampled token to a sequence (running, or preempted while it was awaited).
     pub fn append(&mut self, id: u64, token: u32) {
-        if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
+        if let Some(s) = self.find_mut(id) {
             s.tokens.push(token);
+            s.awaiting = None;
         }
+    }
+
+    /// Marks the sequences of a queued step's logits rows as awaiting their device-chosen
+    /// tokens: `sampled[r]` awaits row `r`.
+    pub fn await_tokens(&mut self, sampled: &[u64]) {
+        for (row, &id) in sampled.iter().enumerate() {
+            if let Some(s) = self.find_mut(id) {
+                s.awaiting = Some(row);
+            }
+        }
+    }
+
+    fn find_mut(&mut self, id: u64) -> Option<&mut Sequence> {
+        self.running
+            .iter_mut()
+            .chain(self.waiting.iter_mut())
+            .find(|s| s.id == id)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runner::batch::DeferredToken;
 
     fn sched(blocks: usize, budget: usize) -> Scheduler {
         Scheduler::new(
@@ -222,5 +252,58 @@ mod tests {
             "recomputed with its generated token"
         );
         assert_eq!(step.sampled, vec![2]);
+    }
+
+    #[test]
+    fn awaited_tokens_run_as_deferred_inputs() {
+        let mut s = sched(8, 64);
+        s.add(Sequence::new(1, vec![1; 4]));
+        let step = s.schedule().unwrap();
+        s.complete(&step.scheduled);
+        s.await_tokens(&step.sampled);
+        // The prompt's token is being chosen on the device: the next step runs it as row 0 of
+        // the step in flight, at position 4.
+        let step = s.schedule().unwrap();
+        assert_eq!(step.batch.positions, vec![4]);
+        assert_eq!(step.sampled, vec![1]);
+        assert_eq!(
+            step.batch.deferred,
+            vec![DeferredToken {
+                index: 0,
+                prev_row: 0
+            }]
+        );
+        s.complete(&step.scheduled);
+        s.append(1, 42); // the first step's token arrives while the second runs
+        s.await_tokens(&step.sampled);
+        let seq = s.get(1).unwrap();
+        assert_eq!((seq.tokens.len(), seq.num_computed), (5, 5));
+        let step = s.schedule().unwrap();
+        assert_eq!(step.batch.positions, vec![5]);
+        assert_eq!(step.batch.deferred.len(), 1);
+    }
+
+    #[test]
+    fn preempted_while_awaited_waits_for_its_token() {
+        let mut s = sched(3, 64);
+        s.add(Sequence::new(1, vec![1; 4]));
+        s.add(Sequence::new(2, vec![2; 4]));
+        let step = s.schedule().unwrap();
+        s.complete(&step.scheduled);
+        s.await_tokens(&step.sampled);
+        // Both need a second block for their deferred token; sequence 2 is preempted.
+        let step = s.schedule().unwrap();
+        assert_eq!(step.scheduled, vec![(1, 1)]);
+        s.complete(&step.scheduled);
+        s.remove(1);
+        assert!(
+            s.schedule().is_none(),
+            "not readmitted before its token is in"
+        );
+        s.append(2, 8);
+        let step = s.schedule().unwrap();
+        assert_eq!(step.scheduled, vec![(2, 5)]);
+        assert_eq!(step.batch.token_ids, vec![2, 2, 2, 2, 8]);
+        assert!(step.batch.deferred.is_empty());
     }
 }

@@ -10,6 +10,9 @@ pub struct Sequence {
     /// Leading tokens whose K/V are in the cache.
     pub num_computed: usize,
     pub block_table: Vec<u32>,
+    /// Its next token is being chosen on the device: row `r` of the step in flight. That token
+    /// is already an input the next step can run (a deferred token) but not yet in `tokens`.
+    pub awaiting: Option<usize>,
 }
 
 impl Sequence {
@@ -20,12 +23,14 @@ impl Sequence {
             tokens: prompt,
             num_computed: 0,
             block_table: Vec::new(),
+            awaiting: None,
         }
     }
 
-    /// Tokens still to run through the model (the prompt, or the last sampled token).
+    /// Tokens still to run through the model (the prompt, or the last sampled token, known or
+    /// awaited).
     pub fn num_pending(&self) -> usize {
-        self.tokens.len() - self.num_computed
+        self.tokens.len() + usize::from(self.awaiting.is_some()) - self.num_computed
     }
 
     pub fn num_generated(&self) -> usize {
