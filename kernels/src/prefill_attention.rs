@@ -1,14 +1,17 @@
 //! Causal attention for prefill and chunked prefill over the paged KV cache (varlen: any mix of
 //! sequences and chunk lengths in one launch), flash-attention style: tiles of query rows walk
-//! their keys in blocks with an online softmax (f32), so scores never leave shared memory.
+//! their keys in blocks with an online softmax (f32), so scores never reach device memory.
 //!
 //! A cube serves one (query tile, head): 16 consecutive query rows of one sequence per plane.
-//! For each block of keys (gathered through the block table) it computes S = Q·Kᵀ, updates each
-//! row's running max and sum, rescales the output rows whose max grew, and adds P·V. Where the device has tensor cores (`cmma`, 16×16×16, f32 accumulation) each
-//! plane owns 16 query rows and runs both products on them; elsewhere the units compute the
-//! same tiles element by element (the CPU CI path; identical layouts, masking and softmax).
-//! Query row r of a tile sits at position `first_pos + r` and sees keys `0..=first_pos + r`.
+//! For each block of keys (gathered through the block table into shared memory) it computes
+//! S = Q·Kᵀ, updates each row's running max and sum, rescales the output rows whose max grew,
+//! and adds P·V. Where the device has tensor cores (`mma` m16n8k16, f32 accumulation) each
+//! plane keeps Q, S, P and O of its rows in register fragments (FlashAttention-2's structure);
+//! elsewhere the units compute the same tiles element by element through shared memory (the
+//! CPU CI path; same masking and softmax). Query row r of a tile sits at position
+//! `first_pos + r` and sees keys `0..=first_pos + r`.
 
+use cubecl::frontend::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -36,7 +39,7 @@ pub struct Shape {
 pub struct Tiling {
     pub planes: usize,
     pub block_keys: usize,
-    pub cmma: bool,
+    pub mma: bool,
 }
 
 impl Tiling {
@@ -46,11 +49,11 @@ impl Tiling {
         shape: Shape,
     ) -> Self {
         let limit = client.properties().hardware.max_shared_memory_size;
-        let cmma = has_tensor_cores::<R, F>(client);
+        let mma = has_tensor_cores::<R, F>(client);
         let tilings = [(4, 64), (2, 32), (1, 16)].map(|(planes, block_keys)| Tiling {
             planes,
             block_keys,
-            cmma,
+            mma,
         });
         // The smallest one when none fits: its launch then reports the device's refusal.
         let fits = |t: &&Tiling| t.shared_bytes(shape.head_dim, size_of::<F>()) <= limit;
@@ -63,12 +66,15 @@ impl Tiling {
 
     fn shared_bytes(&self, head_dim: usize, elem: usize) -> usize {
         let (br, bc) = (self.tile_rows(), self.block_keys);
-        (br + 2 * bc) * (head_dim + PAD_F) * elem
+        let tiles = (br + 2 * bc) * (head_dim + PAD_F) * elem + bc * 4;
+        if self.mma {
+            return tiles; // S, P and O stay in registers
+        }
+        tiles
             + bc * (br + PAD_F32) * 4
             + bc * (br + PAD_F) * elem
             + head_dim * (br + PAD_F32) * 4
             + 2 * br * 4
-            + bc * 4
     }
 }
 
@@ -83,60 +89,30 @@ pub struct Chunk {
 }
 
 /// The launch's work list: `[table_row, first_token, rows, first_pos]` per query tile of
-/// `tile_rows` rows.
+/// `tile_rows` rows, the tiles with the most keys first (causal tiles' work grows with their
+/// position; starting the longest ones first keeps the last wave short).
 pub fn tiles(chunks: &[Chunk], tile_rows: usize) -> Vec<u32> {
-    let mut out = Vec::new();
+    let mut list: Vec<[usize; 4]> = Vec::new();
     for c in chunks {
         for start in (0..c.len).step_by(tile_rows) {
             let rows = tile_rows.min(c.len - start);
-            out.extend(
-                [
-                    c.table_row,
-                    c.first_token + start,
-                    rows,
-                    c.first_pos + start,
-                ]
-                .map(|v| v as u32),
-            );
+            list.push([
+                c.table_row,
+                c.first_token + start,
+                rows,
+                c.first_pos + start,
+            ]);
         }
     }
-    out
+    list.sort_by_key(|&[_, _, rows, first_pos]| std::cmp::Reverse(first_pos + rows));
+    list.into_iter().flatten().map(|v| v as u32).collect()
 }
 
-/// `acc += A·B` for one 16×16×16 tensor-core tile, A and B read from shared memory.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn mma_tile<F: Float>(
-    acc: &cmma::Matrix<f32>,
-    a: &Slice<F>,
-    a_layout: cmma::MatrixLayout,
-    b: &Slice<F>,
-    b_layout: cmma::MatrixLayout,
-    a_stride: u32,
-    b_stride: u32,
-) {
-    let a = cmma::Matrix::<F>::from_slice(
-        cmma::MatrixIdent::A,
-        16usize,
-        16usize,
-        16usize,
-        a_layout,
-        a,
-        a_stride,
-    );
-    let b = cmma::Matrix::<F>::from_slice(
-        cmma::MatrixIdent::B,
-        16usize,
-        16usize,
-        16usize,
-        b_layout,
-        b,
-        b_stride,
-    );
-    cmma::execute::<F, F, f32, f32>(&a, &b, acc, acc);
-}
+/// Two bf16/f16 values: one register of an `mma` fragment.
+type Pair<E> = Vector<E, Const<2>>;
 
-#[cube(launch)]
+// Fast exp (ex2.approx): the softmax's inputs are finite (masked scores are -3e38, not -inf).
+#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
 fn prefill_attention_kernel<F: Float, N: Size>(
     q: &Array<Vector<F, N>>,
@@ -154,36 +130,17 @@ fn prefill_attention_kernel<F: Float, N: Size>(
     #[comptime] vec: usize,
     #[comptime] planes: usize,
     #[comptime] bc: usize,
-    #[comptime] use_cmma: bool,
+    #[comptime] use_mma: bool,
 ) {
-    let tile = CUBE_POS_X as usize;
-    let head = CUBE_POS_Y as usize;
-    let kvh = head / (heads / kv_heads);
-    let table_row = tiles[tile * 4] as usize;
+    // Heads vary fastest: the cubes running at once share their tiles' keys in the L2.
+    let head = CUBE_POS_X as usize;
+    let tile = CUBE_POS_Y as usize;
     let t0 = tiles[tile * 4 + 1] as usize;
     let rows = tiles[tile * 4 + 2] as usize;
-    let p0 = tiles[tile * 4 + 3] as usize;
-    let n_keys = p0 + rows;
-
     let br = comptime![PLANE_ROWS * planes];
-    let d = head_dim;
-    // Q, K and V are row-major with row stride `qs`. S, P and O are column-major (column
-    // strides `ss`, `ps`, `os`), so the softmax's one unit per row walks them with consecutive
-    // units on consecutive addresses (no bank conflicts).
+    // Q, K and V tiles are row-major with row stride `qs` (16-byte rows for the matrix loads).
     let qs = comptime![head_dim + PAD_F];
-    let ss = comptime![PLANE_ROWS * planes + PAD_F32];
-    let ps = comptime![PLANE_ROWS * planes + PAD_F];
-    let os = comptime![PLANE_ROWS * planes + PAD_F32];
-    let mut q_s = SharedMemory::<F>::new(br * qs);
-    let mut k_s = SharedMemory::<F>::new(bc * qs);
-    let mut v_s = SharedMemory::<F>::new(bc * qs);
-    let mut s_s = SharedMemory::<f32>::new(bc * ss);
-    let mut p_s = SharedMemory::<F>::new(bc * ps);
-    let mut o_s = SharedMemory::<f32>::new(d * os);
-    let mut m_s = SharedMemory::<f32>::new(br);
-    let mut l_s = SharedMemory::<f32>::new(br);
-    let mut key_rows = SharedMemory::<u32>::new(bc);
-
+    let mut q_s = SharedMemory::<F>::new_aligned(br * qs, 16usize);
     let units = CUBE_DIM as usize;
     let tid = UNIT_POS as usize;
     let vecs = comptime![head_dim / vec];
@@ -213,6 +170,523 @@ fn prefill_attention_kernel<F: Float, N: Size>(
         }
         i += 4 * units;
     }
+    let at = TileAt {
+        t0,
+        rows,
+        p0: tiles[tile * 4 + 3] as usize,
+        head,
+        table_row: tiles[tile * 4] as usize,
+        max_blocks,
+        kvh: head / (heads / kv_heads),
+    };
+    sync_cube(); // Q is staged
+    if comptime![use_mma] {
+        attend_mma::<F, N>(
+            k_cache,
+            v_cache,
+            block_tables,
+            &q_s,
+            out,
+            at,
+            scale,
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            vec,
+            bc,
+        );
+    } else {
+        attend_plain::<F, N>(
+            k_cache,
+            v_cache,
+            block_tables,
+            &q_s,
+            out,
+            at,
+            scale,
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            vec,
+            planes,
+            bc,
+        );
+    }
+}
+
+/// Where a cube's query tile is: its first row in the flat batch, its rows, the position of its
+/// first row, its head; and where its keys are: its sequence's row of the block-table matrix
+/// (of `max_blocks` columns) and its K/V head.
+#[derive(CubeType, Clone, Copy)]
+struct TileAt {
+    t0: usize,
+    rows: usize,
+    p0: usize,
+    head: usize,
+    table_row: usize,
+    max_blocks: usize,
+    kvh: usize,
+}
+
+/// Gathers keys `k0 .. k0 + bc` (zeros past `n_keys`) into `k_s` and `v_s` through the block
+/// table, four K and four V loads in flight per unit. Starts and ends with a barrier: the
+/// previous block's tiles are no longer read, and this block's are complete.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn gather_block<F: Float, N: Size>(
+    k_cache: &Array<Vector<F, N>>,
+    v_cache: &Array<Vector<F, N>>,
+    block_tables: &Array<u32>,
+    at: TileAt,
+    key_rows: &mut SharedMemory<u32>,
+    k_s: &mut SharedMemory<F>,
+    v_s: &mut SharedMemory<F>,
+    k0: usize,
+    n_keys: usize,
+    #[comptime] kv_heads: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] block_size: usize,
+    #[comptime] vec: usize,
+    #[comptime] bc: usize,
+) {
+    let units = CUBE_DIM as usize;
+    let tid = UNIT_POS as usize;
+    let vecs = comptime![head_dim / vec];
+    let qs = comptime![head_dim + PAD_F];
+    sync_cube();
+    // The block's K/V row offsets + 1, one table lookup per key (0: past the last key).
+    let mut key = tid;
+    while key < bc {
+        let pos = k0 + key;
+        let mut row_at = 0u32;
+        if pos < n_keys {
+            let block = block_tables[at.table_row * at.max_blocks + pos / block_size] as usize;
+            let row = ((block * block_size + pos % block_size) * kv_heads + at.kvh) * vecs;
+            row_at = u32::cast_from(row) + 1;
+        }
+        key_rows[key] = row_at;
+        key += units;
+    }
+    sync_cube();
+    let mut i = tid;
+    while i < bc * vecs {
+        let mut kv = Array::<Vector<F, N>>::new(4usize);
+        let mut vv = Array::<Vector<F, N>>::new(4usize);
+        #[unroll]
+        for j in 0..4usize {
+            let e_at = i + j * units;
+            kv[j] = Vector::new(F::new(0.0));
+            vv[j] = Vector::new(F::new(0.0));
+            if e_at < bc * vecs {
+                let row = key_rows[e_at / vecs] as usize;
+                if row > 0 {
+                    kv[j] = k_cache[row - 1 + e_at % vecs];
+                    vv[j] = v_cache[row - 1 + e_at % vecs];
+                }
+            }
+        }
+        #[unroll]
+        for j in 0..4usize {
+            let e_at = i + j * units;
+            if e_at < bc * vecs {
+                let base = (e_at / vecs) * qs + (e_at % vecs) * vec;
+                #[unroll]
+                for e in 0..vec {
+                    k_s[base + e] = kv[j][e];
+                    v_s[base + e] = vv[j][e];
+                }
+            }
+        }
+        i += 4 * units;
+    }
+    sync_cube();
+}
+
+/// Queues the async copies (16 bytes each) of keys `k0 .. k0 + bc` into the K/V tiles at
+/// `base` (rows of `(head_dim + PAD_F) / vec` vectors), through the block table. Keys past
+/// `n_keys` repeat the last key: finite values, which the mask then ignores.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn copy_block<F: Float, N: Size>(
+    k_cache: &Array<Vector<F, N>>,
+    v_cache: &Array<Vector<F, N>>,
+    block_tables: &Array<u32>,
+    at: TileAt,
+    k_s: &mut SharedMemory<Vector<F, N>>,
+    v_s: &mut SharedMemory<Vector<F, N>>,
+    base: usize,
+    k0: usize,
+    n_keys: usize,
+    #[comptime] kv_heads: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] block_size: usize,
+    #[comptime] vec: usize,
+    #[comptime] bc: usize,
+) {
+    let vecs = comptime![head_dim / vec];
+    let qv = comptime![(head_dim + PAD_F) / vec];
+    let units = CUBE_DIM as usize;
+    let mut i = UNIT_POS as usize;
+    while i < bc * vecs {
+        let (key, part) = (i / vecs, i % vecs);
+        let pos = usize::min(k0 + key, n_keys - 1);
+        let block = block_tables[at.table_row * at.max_blocks + pos / block_size] as usize;
+        let src = ((block * block_size + pos % block_size) * kv_heads + at.kvh) * vecs + part;
+        let dst = base + key * qv + part;
+        copy_async(
+            &k_cache.slice(src, src + 1),
+            &mut k_s.slice_mut(dst, dst + 1),
+            vec as u32,
+        );
+        copy_async(
+            &v_cache.slice(src, src + 1),
+            &mut v_s.slice_mut(dst, dst + 1),
+            vec as u32,
+        );
+        i += units;
+    }
+}
+
+/// The tensor-core path, FlashAttention-2 style: each plane keeps its 16 query rows' Q, scores
+/// and output in `mma` (m16n8k16, f32 accumulation) register fragments for the whole walk; only
+/// K and V pass through shared memory, double-buffered: the next key block's async copies
+/// (`cp.async`) are in flight while the current one is multiplied. A lane holds rows `g` and
+/// `g + 8` of a fragment (g = lane / 4) at columns `2t, 2t + 1` (t = lane % 4), so a row's max
+/// and sum combine the 4 lanes of its quad with two shuffles, and the scores' accumulator
+/// registers are, converted, the A fragments of P·V.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn attend_mma<F: Float, N: Size>(
+    k_cache: &Array<Vector<F, N>>,
+    v_cache: &Array<Vector<F, N>>,
+    block_tables: &Array<u32>,
+    q_s: &SharedMemory<F>,
+    out: &mut Array<F>,
+    at: TileAt,
+    scale: f32,
+    #[comptime] heads: usize,
+    #[comptime] kv_heads: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] block_size: usize,
+    #[comptime] vec: usize,
+    #[comptime] bc: usize,
+) {
+    let qs = comptime![head_dim + PAD_F];
+    // K/V tiles in vectors (16 bytes), two buffers of `bc` rows of `qv` vectors.
+    let qv = comptime![(head_dim + PAD_F) / vec];
+    let buf = comptime![bc * (head_dim + PAD_F) / vec];
+    let mut k_s = SharedMemory::<Vector<F, N>>::new_aligned(2 * buf, 16usize);
+    let mut v_s = SharedMemory::<Vector<F, N>>::new_aligned(2 * buf, 16usize);
+    let ready0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let ready1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    sync_cube(); // the barriers are initialized
+    let def = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+    let lane = UNIT_POS_PLANE as usize;
+    let (g, t) = (lane / 4, lane % 4);
+    let r0 = (UNIT_POS / PLANE_DIM) as usize * PLANE_ROWS;
+    let d_chunks = comptime![head_dim / 16];
+    let d_tiles = comptime![head_dim / 8];
+    let key_tiles = comptime![bc / 8];
+
+    // Q fragments, one per 16 columns: ldmatrix ×4, lane L giving the address of row
+    // L % 8 + 8·(L / 8 % 2), column 8·(L / 16) of the chunk.
+    let mut q_frag = Array::<Pair<F>>::new(comptime![4 * head_dim / 16]);
+    let q_row = r0 + lane % 8 + 8 * ((lane / 8) % 2);
+    #[unroll]
+    for kk in 0..d_chunks {
+        let start = q_row * qs + kk * 16 + 8 * (lane / 16);
+        let regs = def.load_matrix::<F, Const<2>>(
+            &q_s.slice(start, start + 8),
+            cmma::MatrixIdent::A,
+            4usize,
+            false,
+        );
+        #[unroll]
+        for j in 0..4usize {
+            q_frag[kk * 4 + j] = regs[j];
+        }
+    }
+
+    // Output fragments (vector 2n: row g, 2n + 1: row g + 8 of column tile n), each row's
+    // running max and this lane's share of its running sum.
+    let mut o = Array::<Pair<f32>>::new(comptime![2 * head_dim / 8]);
+    #[unroll]
+    for i in 0..comptime![2 * head_dim / 8] {
+        o[i] = Vector::new(0.0);
+    }
+    let mut m_lo = f32::new(-3.0e38);
+    let mut m_hi = f32::new(-3.0e38);
+    let mut l_lo = f32::new(0.0);
+    let mut l_hi = f32::new(0.0);
+    let n_keys = at.p0 + at.rows;
+    // The last key each of the lane's two rows sees (rows past the tile see the tile's keys).
+    let last_lo = usize::min(at.p0 + r0 + g, n_keys - 1);
+    let last_hi = usize::min(at.p0 + r0 + g + 8, n_keys - 1);
+
+    let n_blocks = n_keys.div_ceil(bc);
+    copy_block::<F, N>(
+        k_cache,
+        v_cache,
+        block_tables,
+        at,
+        &mut k_s,
+        &mut v_s,
+        0,
+        0,
+        n_keys,
+        kv_heads,
+        head_dim,
+        block_size,
+        vec,
+        bc,
+    );
+    ready0.commit_copy_async();
+    for kb in 0..n_blocks {
+        let k0 = kb * bc;
+        let cur = kb % 2;
+        if kb + 1 < n_blocks {
+            // The other buffer was last read in the previous block, behind its closing barrier.
+            copy_block::<F, N>(
+                k_cache,
+                v_cache,
+                block_tables,
+                at,
+                &mut k_s,
+                &mut v_s,
+                (1 - cur) * buf,
+                k0 + bc,
+                n_keys,
+                kv_heads,
+                head_dim,
+                block_size,
+                vec,
+                bc,
+            );
+            if cur == 0 {
+                ready1.commit_copy_async();
+            } else {
+                ready0.commit_copy_async();
+            }
+        }
+        if cur == 0 {
+            ready0.arrive_and_wait();
+        } else {
+            ready1.arrive_and_wait();
+        }
+        let base = cur * buf;
+
+        // S = Q·Kᵀ, two key tiles per ldmatrix ×4: lane L addresses key 8·(L / 16) + L % 8 of
+        // the pair, columns 8·(L / 8 % 2) of the chunk.
+        let mut s = Array::<Pair<f32>>::new(comptime![2 * bc / 8]);
+        #[unroll]
+        for np in 0..comptime![bc / 16] {
+            let mut acc0 = Array::<Pair<f32>>::new(2usize);
+            let mut acc1 = Array::<Pair<f32>>::new(2usize);
+            #[unroll]
+            for j in 0..2usize {
+                acc0[j] = Vector::new(0.0);
+                acc1[j] = Vector::new(0.0);
+            }
+            let key = np * 16 + 8 * (lane / 16) + lane % 8;
+            #[unroll]
+            for kk in 0..d_chunks {
+                let start = base + key * qv + kk * 2 + (lane / 8) % 2;
+                let b = def.load_matrix::<Vector<F, N>, Const<2>>(
+                    &k_s.slice(start, start + 1),
+                    cmma::MatrixIdent::B,
+                    4usize,
+                    false,
+                );
+                let mut a = Array::<Pair<F>>::new(4usize);
+                #[unroll]
+                for j in 0..4usize {
+                    a[j] = q_frag[kk * 4 + j];
+                }
+                let mut b0 = Array::<Pair<F>>::new(2usize);
+                let mut b1 = Array::<Pair<F>>::new(2usize);
+                b0[0] = b[0];
+                b0[1] = b[1];
+                b1[0] = b[2];
+                b1[1] = b[3];
+                def.execute_inplace(&a, &b0, &mut acc0);
+                def.execute_inplace(&a, &b1, &mut acc1);
+            }
+            #[unroll]
+            for j in 0..2usize {
+                s[np * 4 + j] = acc0[j];
+                s[np * 4 + 2 + j] = acc1[j];
+            }
+        }
+
+        // Online softmax on the fragments: mask, scale, row maxima over the quad.
+        let mut mx_lo = m_lo;
+        let mut mx_hi = m_hi;
+        #[unroll]
+        for n in 0..key_tiles {
+            let mut lo = s[2 * n];
+            let mut hi = s[2 * n + 1];
+            #[unroll]
+            for e in 0..2usize {
+                let key = k0 + n * 8 + 2 * t + e;
+                lo[e] *= scale;
+                hi[e] *= scale;
+                if key > last_lo {
+                    lo[e] = f32::new(-3.0e38);
+                }
+                if key > last_hi {
+                    hi[e] = f32::new(-3.0e38);
+                }
+                mx_lo = f32::max(mx_lo, lo[e]);
+                mx_hi = f32::max(mx_hi, hi[e]);
+            }
+            s[2 * n] = lo;
+            s[2 * n + 1] = hi;
+        }
+        mx_lo = f32::max(mx_lo, plane_shuffle_xor(mx_lo, 1));
+        mx_lo = f32::max(mx_lo, plane_shuffle_xor(mx_lo, 2));
+        mx_hi = f32::max(mx_hi, plane_shuffle_xor(mx_hi, 1));
+        mx_hi = f32::max(mx_hi, plane_shuffle_xor(mx_hi, 2));
+        let alpha_lo = f32::exp(m_lo - mx_lo);
+        let alpha_hi = f32::exp(m_hi - mx_hi);
+        m_lo = mx_lo;
+        m_hi = mx_hi;
+        let mut sum_lo = f32::new(0.0);
+        let mut sum_hi = f32::new(0.0);
+        // P, converted to the A fragments of P·V: keys 16j.. of rows g / g + 8 are the
+        // accumulator vectors of key tiles 2j and 2j + 1.
+        let mut p = Array::<Pair<F>>::new(comptime![2 * bc / 8]);
+        #[unroll]
+        for n in 0..key_tiles {
+            let mut e_lo = Vector::<f32, Const<2>>::new(0.0);
+            let mut e_hi = Vector::<f32, Const<2>>::new(0.0);
+            #[unroll]
+            for e in 0..2usize {
+                let key = k0 + n * 8 + 2 * t + e;
+                if key <= last_lo {
+                    e_lo[e] = f32::exp(s[2 * n][e] - mx_lo);
+                }
+                if key <= last_hi {
+                    e_hi[e] = f32::exp(s[2 * n + 1][e] - mx_hi);
+                }
+                sum_lo += e_lo[e];
+                sum_hi += e_hi[e];
+            }
+            // Tile n = 2j + h lands in A registers 2h (row g) and 2h + 1 (row g + 8) of chunk j.
+            p[(n / 2) * 4 + (n % 2) * 2] = Pair::<F>::cast_from(e_lo);
+            p[(n / 2) * 4 + (n % 2) * 2 + 1] = Pair::<F>::cast_from(e_hi);
+        }
+        l_lo = l_lo * alpha_lo + sum_lo;
+        l_hi = l_hi * alpha_hi + sum_hi;
+        #[unroll]
+        for n in 0..d_tiles {
+            o[2 * n] = o[2 * n] * Vector::new(alpha_lo);
+            o[2 * n + 1] = o[2 * n + 1] * Vector::new(alpha_hi);
+        }
+
+        // O += P·V, two output column tiles per ldmatrix ×4 (transposed: V is [key][dim]):
+        // lane L addresses key L % 8 + 8·(L / 8 % 2) of the chunk, columns 8·(L / 16).
+        #[unroll]
+        for j in 0..comptime![bc / 16] {
+            let mut a = Array::<Pair<F>>::new(4usize);
+            #[unroll]
+            for r in 0..4usize {
+                a[r] = p[j * 4 + r];
+            }
+            let key = j * 16 + lane % 8 + 8 * ((lane / 8) % 2);
+            #[unroll]
+            for dp in 0..comptime![head_dim / 16] {
+                let start = base + key * qv + dp * 2 + lane / 16;
+                let b = def.load_matrix::<Vector<F, N>, Const<2>>(
+                    &v_s.slice(start, start + 1),
+                    cmma::MatrixIdent::B,
+                    4usize,
+                    true,
+                );
+                let mut b0 = Array::<Pair<F>>::new(2usize);
+                let mut b1 = Array::<Pair<F>>::new(2usize);
+                b0[0] = b[0];
+                b0[1] = b[1];
+                b1[0] = b[2];
+                b1[1] = b[3];
+                let mut acc0 = Array::<Pair<f32>>::new(2usize);
+                let mut acc1 = Array::<Pair<f32>>::new(2usize);
+                acc0[0] = o[4 * dp];
+                acc0[1] = o[4 * dp + 1];
+                acc1[0] = o[4 * dp + 2];
+                acc1[1] = o[4 * dp + 3];
+                def.execute_inplace(&a, &b0, &mut acc0);
+                def.execute_inplace(&a, &b1, &mut acc1);
+                o[4 * dp] = acc0[0];
+                o[4 * dp + 1] = acc0[1];
+                o[4 * dp + 2] = acc1[0];
+                o[4 * dp + 3] = acc1[1];
+            }
+        }
+        sync_cube(); // this buffer is free for the block after next
+    }
+
+    // Each row's sum over its quad, then the normalized rows out.
+    l_lo += plane_shuffle_xor(l_lo, 1);
+    l_lo += plane_shuffle_xor(l_lo, 2);
+    l_hi += plane_shuffle_xor(l_hi, 1);
+    l_hi += plane_shuffle_xor(l_hi, 2);
+    let (r_lo, r_hi) = (r0 + g, r0 + g + 8);
+    #[unroll]
+    for n in 0..d_tiles {
+        #[unroll]
+        for e in 0..2usize {
+            let col = n * 8 + 2 * t + e;
+            if r_lo < at.rows {
+                out[((at.t0 + r_lo) * heads + at.head) * head_dim + col] =
+                    F::cast_from(o[2 * n][e] / l_lo);
+            }
+            if r_hi < at.rows {
+                out[((at.t0 + r_hi) * heads + at.head) * head_dim + col] =
+                    F::cast_from(o[2 * n + 1][e] / l_hi);
+            }
+        }
+    }
+}
+
+/// The portable path (no tensor cores: the CPU CI runs it): the same tiles element by element,
+/// S, P and O column-major in shared memory so the softmax's one unit per row walks them with
+/// consecutive units on consecutive addresses (no bank conflicts).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn attend_plain<F: Float, N: Size>(
+    k_cache: &Array<Vector<F, N>>,
+    v_cache: &Array<Vector<F, N>>,
+    block_tables: &Array<u32>,
+    q_s: &SharedMemory<F>,
+    out: &mut Array<F>,
+    at: TileAt,
+    scale: f32,
+    #[comptime] heads: usize,
+    #[comptime] kv_heads: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] block_size: usize,
+    #[comptime] vec: usize,
+    #[comptime] planes: usize,
+    #[comptime] bc: usize,
+) {
+    let br = comptime![PLANE_ROWS * planes];
+    let d = head_dim;
+    let qs = comptime![head_dim + PAD_F];
+    let ss = comptime![PLANE_ROWS * planes + PAD_F32];
+    let ps = comptime![PLANE_ROWS * planes + PAD_F];
+    let os = comptime![PLANE_ROWS * planes + PAD_F32];
+    let mut k_s = SharedMemory::<F>::new_aligned(bc * qs, 16usize);
+    let mut v_s = SharedMemory::<F>::new_aligned(bc * qs, 16usize);
+    let mut key_rows = SharedMemory::<u32>::new(bc);
+    let mut s_s = SharedMemory::<f32>::new(bc * ss);
+    let mut p_s = SharedMemory::<F>::new(bc * ps);
+    let mut o_s = SharedMemory::<f32>::new(d * os);
+    let mut m_s = SharedMemory::<f32>::new(br);
+    let mut l_s = SharedMemory::<f32>::new(br);
+    let units = CUBE_DIM as usize;
+    let tid = UNIT_POS as usize;
     let mut i = tid;
     while i < d * os {
         o_s[i] = f32::new(0.0);
@@ -224,128 +698,54 @@ fn prefill_attention_kernel<F: Float, N: Size>(
         l_s[r] = f32::new(0.0);
         r += units;
     }
-
-    let plane = (UNIT_POS / PLANE_DIM) as usize;
-    let n_blocks = n_keys.div_ceil(bc);
-    for kb in 0..n_blocks {
+    let n_keys = at.p0 + at.rows;
+    for kb in 0..n_keys.div_ceil(bc) {
         let k0 = kb * bc;
-        sync_cube(); // the previous block's tiles are no longer read
-                     // The block's K/V row offsets + 1, one table lookup per key (0: past the last key).
-        let mut key = tid;
-        while key < bc {
-            let pos = k0 + key;
-            let mut at = 0u32;
-            if pos < n_keys {
-                let block = block_tables[table_row * max_blocks + pos / block_size] as usize;
-                let row = ((block * block_size + pos % block_size) * kv_heads + kvh) * vecs;
-                at = u32::cast_from(row) + 1;
-            }
-            key_rows[key] = at;
-            key += units;
-        }
-        sync_cube();
-        // Gather the rows, four K and four V loads in flight per unit.
-        let mut i = tid;
-        while i < bc * vecs {
-            let mut kv = Array::<Vector<F, N>>::new(4usize);
-            let mut vv = Array::<Vector<F, N>>::new(4usize);
-            #[unroll]
-            for j in 0..4usize {
-                let at = i + j * units;
-                kv[j] = Vector::new(F::new(0.0));
-                vv[j] = Vector::new(F::new(0.0));
-                if at < bc * vecs {
-                    let row = key_rows[at / vecs] as usize;
-                    if row > 0 {
-                        kv[j] = k_cache[row - 1 + at % vecs];
-                        vv[j] = v_cache[row - 1 + at % vecs];
-                    }
-                }
-            }
-            #[unroll]
-            for j in 0..4usize {
-                let at = i + j * units;
-                if at < bc * vecs {
-                    let base = (at / vecs) * qs + (at % vecs) * vec;
-                    #[unroll]
-                    for e in 0..vec {
-                        k_s[base + e] = kv[j][e];
-                        v_s[base + e] = vv[j][e];
-                    }
-                }
-            }
-            i += 4 * units;
-        }
-        sync_cube();
-
+        gather_block::<F, N>(
+            k_cache,
+            v_cache,
+            block_tables,
+            at,
+            &mut key_rows,
+            &mut k_s,
+            &mut v_s,
+            k0,
+            n_keys,
+            kv_heads,
+            head_dim,
+            block_size,
+            vec,
+            bc,
+        );
         // S = Q·Kᵀ for the tile's rows and the block's keys.
-        if comptime![use_cmma] {
-            let r0 = plane * PLANE_ROWS;
-            #[unroll]
-            for nb in 0..comptime![bc / 16] {
-                let acc = cmma::Matrix::<f32>::from_value(
-                    cmma::MatrixIdent::Accumulator,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::Undefined,
-                    f32::new(0.0),
-                );
-                #[unroll]
-                for kk in 0..comptime![head_dim / 16] {
-                    mma_tile::<F>(
-                        &acc,
-                        &q_s.slice(r0 * qs + kk * 16, br * qs),
-                        cmma::MatrixLayout::RowMajor,
-                        &k_s.slice(nb * 16 * qs + kk * 16, bc * qs),
-                        cmma::MatrixLayout::ColMajor,
-                        qs as u32,
-                        qs as u32,
-                    );
-                }
-                cmma::store(
-                    &mut s_s.slice_mut(nb * 16 * ss + r0, bc * ss),
-                    &acc,
-                    ss as u32,
-                    cmma::MatrixLayout::ColMajor,
-                );
+        let mut i = tid;
+        while i < br * bc {
+            let r = i / bc;
+            let c = i % bc;
+            let mut dot = f32::new(0.0);
+            for e in 0..d {
+                dot += f32::cast_from(q_s[r * qs + e]) * f32::cast_from(k_s[c * qs + e]);
             }
-        } else {
-            let mut i = tid;
-            while i < br * bc {
-                let r = i / bc;
-                let c = i % bc;
-                let mut dot = f32::new(0.0);
-                for e in 0..d {
-                    dot += f32::cast_from(q_s[r * qs + e]) * f32::cast_from(k_s[c * qs + e]);
-                }
-                s_s[c * ss + r] = dot;
-                i += units;
-            }
+            s_s[c * ss + r] = dot;
+            i += units;
         }
         sync_cube();
 
         // Online softmax, one unit per row.
         let mut r = tid;
         while r < br {
-            let qpos = p0 + r;
+            let qpos = at.p0 + r;
             let m_old = m_s[r];
             // Keys past the row's position (and rows past the tile's) are masked out.
             let mut last = 0usize;
-            if r < rows && k0 <= qpos {
+            if r < at.rows && k0 <= qpos {
                 last = usize::min(bc, qpos + 1 - k0);
             }
-            // Unrolled (the block and head sizes are compile-time): no loop overhead, and the
-            // shared-memory loads issue back to back.
             let mut m = m_old;
-            #[unroll]
-            for c in 0..bc {
-                if c < last {
-                    m = f32::max(m, s_s[c * ss + r] * scale);
-                }
+            for c in 0..last {
+                m = f32::max(m, s_s[c * ss + r] * scale);
             }
             let mut sum = f32::new(0.0);
-            #[unroll]
             for c in 0..bc {
                 let mut p = f32::new(0.0);
                 if c < last {
@@ -357,7 +757,6 @@ fn prefill_attention_kernel<F: Float, N: Size>(
             // Rescale the row's output if its max grew.
             let alpha = f32::exp(m_old - m);
             if alpha < 1.0 {
-                #[unroll]
                 for c in 0..head_dim {
                     o_s[c * os + r] *= alpha;
                 }
@@ -369,81 +768,43 @@ fn prefill_attention_kernel<F: Float, N: Size>(
         sync_cube();
 
         // O += P·V.
-        if comptime![use_cmma] {
-            let r0 = plane * PLANE_ROWS;
-            #[unroll]
-            for nb in 0..comptime![head_dim / 16] {
-                let acc = cmma::Matrix::<f32>::from_value(
-                    cmma::MatrixIdent::Accumulator,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::Undefined,
-                    f32::new(0.0),
-                );
-                cmma::load_with_layout(
-                    &acc,
-                    &o_s.slice(nb * 16 * os + r0, d * os),
-                    os as u32,
-                    cmma::MatrixLayout::ColMajor,
-                );
-                #[unroll]
-                for kk in 0..comptime![bc / 16] {
-                    mma_tile::<F>(
-                        &acc,
-                        &p_s.slice(kk * 16 * ps + r0, bc * ps),
-                        cmma::MatrixLayout::ColMajor,
-                        &v_s.slice(kk * 16 * qs + nb * 16, bc * qs),
-                        cmma::MatrixLayout::RowMajor,
-                        ps as u32,
-                        qs as u32,
-                    );
-                }
-                cmma::store(
-                    &mut o_s.slice_mut(nb * 16 * os + r0, d * os),
-                    &acc,
-                    os as u32,
-                    cmma::MatrixLayout::ColMajor,
-                );
+        let mut i = tid;
+        while i < br * d {
+            let r = i / d;
+            let c = i % d;
+            let mut acc = o_s[c * os + r];
+            for j in 0..bc {
+                acc += f32::cast_from(p_s[j * ps + r]) * f32::cast_from(v_s[j * qs + c]);
             }
-        } else {
-            let mut i = tid;
-            while i < br * d {
-                let r = i / d;
-                let c = i % d;
-                let mut acc = o_s[c * os + r];
-                for j in 0..bc {
-                    acc += f32::cast_from(p_s[j * ps + r]) * f32::cast_from(v_s[j * qs + c]);
-                }
-                o_s[c * os + r] = acc;
-                i += units;
-            }
+            o_s[c * os + r] = acc;
+            i += units;
         }
     }
     sync_cube();
     let mut i = tid;
-    while i < rows * d {
+    while i < at.rows * d {
         let r = i / d;
         let c = i % d;
-        out[((t0 + r) * heads + head) * d + c] = F::cast_from(o_s[c * os + r] / l_s[r]);
+        out[((at.t0 + r) * heads + at.head) * d + c] = F::cast_from(o_s[c * os + r] / l_s[r]);
         i += units;
     }
 }
 
-/// Whether the device runs the kernel's tensor-core path for `F` (16×16×16, f32 accumulation).
+/// Whether the device runs the kernel's tensor-core path for `F` (`mma` m16n8k16, f32
+/// accumulation).
 pub fn has_tensor_cores<R: Runtime, F: CubePrimitive>(client: &ComputeClient<R>) -> bool {
     let f = F::as_type_native_unchecked().storage_type();
     client
         .properties()
         .features
         .matmul
-        .cmma
+        .mma
         .contains(&cubecl::features::MmaConfig {
             a_type: f,
             b_type: f,
             cd_type: f32::as_type_native_unchecked().storage_type(),
             m: 16,
-            n: 16,
+            n: 8,
             k: 16,
         })
 }
@@ -480,7 +841,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     let q_vecs = q_len / v;
     prefill_attention_kernel::launch::<F, R>(
         client,
-        CubeCount::Static(n_tiles as u32, heads as u32, 1),
+        CubeCount::Static(heads as u32, n_tiles as u32, 1),
         CubeDim::new_1d(plane * tiling.planes as u32),
         v,
         arr(q, q_vecs),
@@ -498,7 +859,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
         v,
         tiling.planes,
         tiling.block_keys,
-        tiling.cmma,
+        tiling.mma,
     );
 }
 
