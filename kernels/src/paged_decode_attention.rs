@@ -19,6 +19,8 @@ const MAX_SPLIT_KEYS: usize = 512;
 const MIN_SPLIT_KEYS: usize = 128;
 /// Cubes worth launching before splits get shorter (a few per multiprocessor).
 const TARGET_CUBES: usize = 512;
+/// Splits one merge can take: the most a context of `max_context` keys makes (shared memory).
+const MAX_COMBINED: usize = 2048;
 /// Upper bound on planes per cube, for the reductions' shared memory (head_dim ≤ 256, plane ≥ 4).
 const MAX_PLANES: usize = 64;
 
@@ -252,6 +254,7 @@ fn split_kernel<F: Float, N: Size>(
 
 /// Merges the splits of sequences longer than one split; one cube per (token, head).
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn combine_kernel<F: Float>(
     query_rows: &Array<u32>,
     context_lens: &Array<u32>,
@@ -271,19 +274,41 @@ fn combine_kernel<F: Float>(
     }
     let d = UNIT_POS as usize;
     let base = (token * heads + h) * max_splits;
-    // One pass, rescaling online as the running maximum grows (a second pass for the global
-    // maximum would double the dependent loads this latency-bound kernel waits on).
-    let mut m = part_ml[base * 2];
+    // The splits' (max, sum) pairs into shared memory in one round of loads, then every
+    // unit takes the global max from there: the partial sums' loads that follow are
+    // independent of each other and issue back to back (a running rescale would chain them).
+    let mut ml = SharedMemory::<f32>::new(2 * MAX_COMBINED);
+    let mut s = d;
+    while s < n_splits {
+        ml[2 * s] = part_ml[(base + s) * 2];
+        ml[2 * s + 1] = part_ml[(base + s) * 2 + 1];
+        s += head_dim;
+    }
+    sync_cube();
+    let mut m = ml[0];
+    for s in 1..n_splits {
+        m = f32::max(m, ml[2 * s]);
+    }
     let mut num = f32::new(0.0);
     let mut den = f32::new(0.0);
-    for s in 0..n_splits {
-        let ms = part_ml[(base + s) * 2];
-        let m_new = f32::max(m, ms);
-        let old = f32::exp(m - m_new);
-        let w = f32::exp(ms - m_new);
-        num = num * old + w * part_acc[(base + s) * head_dim + d];
-        den = den * old + w * part_ml[(base + s) * 2 + 1];
-        m = m_new;
+    let mut s = 0usize;
+    while s < n_splits {
+        // Four splits' loads in flight (past the last split: its row re-read, then skipped).
+        let mut parts = Array::<f32>::new(4usize);
+        #[unroll]
+        for j in 0..4usize {
+            let at = usize::min(s + j, n_splits - 1);
+            parts[j] = part_acc[(base + at) * head_dim + d];
+        }
+        #[unroll]
+        for j in 0..4usize {
+            if s + j < n_splits {
+                let w = f32::exp(ml[2 * (s + j)] - m);
+                num += w * parts[j];
+                den += w * ml[2 * (s + j) + 1];
+            }
+        }
+        s += 4;
     }
     let row = query_rows[token] as usize;
     out[(row * heads + h) * head_dim + d] = F::cast_from(num / den);
@@ -321,6 +346,8 @@ impl Workspace {
         max_context: usize,
         split_keys: usize,
     ) -> Self {
+        // Long enough that one merge takes every split of the longest context.
+        let split_keys = split_keys.max(max_context.div_ceil(MAX_COMBINED));
         let max_splits = max_context.div_ceil(split_keys).max(1);
         let n = tokens * heads * max_splits;
         Self {
