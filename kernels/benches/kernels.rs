@@ -622,7 +622,7 @@ fn bench_matmul(b: &mut Bench) {
         });
         let tflops = 2.0 * (m * n * k) as f64 / secs / 1e12;
         println!(
-            "| matmul (cubek, Auto)   | m={m} n={n} k={k} | {:>9.1} | {tflops:>6.0} TFLOP/s |",
+            "| matmul (cubek)         | m={m} n={n} k={k} | {:>9.1} | {tflops:>6.0} TFLOP/s |",
             secs * 1e6
         );
         b.rows.push(
@@ -630,6 +630,61 @@ fn bench_matmul(b: &mut Bench) {
             "us": secs * 1e6, "tflops": tflops, "rel_err": err}),
         );
     }
+}
+
+/// cubek's tensor-core strategies side by side on decode-batch (m ≤ 64: weight-read bound, % of
+/// copy bandwidth for the weight) and prefill-chunk (m = 2048: TFLOP/s) projection shapes.
+fn sweep_matmul(b: &mut Bench) {
+    let shapes: &[(usize, usize, usize)] = &[
+        (16, 6144, 4096),
+        (64, 6144, 4096),
+        (64, 28672, 4096),
+        (64, 4096, 14336),
+        (2048, 28672, 4096),
+        (2048, 4096, 14336),
+        (2048, 6144, 4096),
+    ];
+    for &(m, n, k) in shapes {
+        let x = b.random(m * k);
+        let w = b.random(n * k);
+        let (xh, wh) = (b.upload(&x), b.upload(&w));
+        let rows = 4.min(m);
+        let want = gemv::reference(&x[..rows * k], &w, None, rows, n, k);
+        for (name, strategy) in matmul::candidates() {
+            let y = b.poisoned(m * n);
+            let run = |b: &Bench| {
+                matmul::launch_with::<R, bf16>(&b.client, &strategy, &xh, &wh, &y, m, n, k)
+            };
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(b)));
+            if !matches!(ok, Ok(Ok(()))) {
+                println!("| matmul {name:<28} | m={m} n={n} k={k} | unavailable |");
+                continue;
+            }
+            let got = b.read(y.clone());
+            let err = gemv_rel_err(&got[..rows * n], &want);
+            let secs = b.time(10, |_| {
+                run(b).expect("matmul");
+            });
+            let tflops = 2.0 * (m * n * k) as f64 / secs / 1e12;
+            let gbps = (n * k * 2) as f64 / secs / 1e9;
+            println!(
+                "| matmul {name:<28} | m={m} n={n} k={k} | {:>9.1} | {tflops:>5.0} TFLOP/s | {:>5.1} % of copy (weight) | {err:.1e} |",
+                secs * 1e6,
+                100.0 * 2.0 * gbps / b.copy_gbps,
+            );
+            b.rows
+                .push(serde_json::json!({"kernel": format!("matmul {name}"),
+                "shape": format!("m={m} n={n} k={k}"), "us": secs * 1e6, "tflops": tflops,
+                "rel_err": err}));
+        }
+    }
+}
+
+/// ‖a − b‖ / ‖b‖ without failing the run (a strategy may be wrong on a shape; it is reported).
+fn gemv_rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
 }
 
 fn main() {
@@ -655,7 +710,7 @@ fn main() {
     // $KILN_BENCH_ONLY (comma-separated names) runs a subset.
     let only = std::env::var("KILN_BENCH_ONLY").ok();
     type BenchFn = fn(&mut Bench);
-    let benches: [(&str, BenchFn); 10] = [
+    let benches: [(&str, BenchFn); 11] = [
         ("rms_norm", bench_rms_norm),
         ("silu_mul", bench_silu_mul),
         ("step_kernels", bench_step_kernels),
@@ -666,6 +721,7 @@ fn main() {
         ("decode_attention", bench_decode_attention),
         ("sweep_decode_attention", sweep_decode_attention),
         ("prefill_attention", bench_prefill_attention),
+        ("sweep_matmul", sweep_matmul),
     ];
     for (name, run) in benches {
         let wanted = only

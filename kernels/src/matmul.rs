@@ -1,18 +1,120 @@
 //! Prefill GEMM, `y[m, n] = x[m, k] · w[n, k]ᵀ`, for batches past the GEMV's sweet spot: launched
-//! through cubek's matmul (CubeCL's kernel library) with its `Auto` strategy — tiled on tensor
-//! cores (`cmma`) where the device has them, a unit-tiled kernel elsewhere. The weight stays in
-//! its HF `[out, in]` layout: the right-hand side is its transposed view.
+//! through cubek's matmul (CubeCL's kernel library). Its warp-specialized TMA kernel on `mma`
+//! measured fastest of cubek's tensor-core strategies on every projection shape tried on the
+//! H100 (decode batches of 16–64 rows and 2048-row prefill chunks: benches/RESULTS.md, 2.3–4×
+//! cubek's `Auto`); devices without TMA (and the CPU CI) take `Auto` — tiled on `cmma` where
+//! the device has tensor cores, a unit-tiled kernel elsewhere. The weight stays in its HF
+//! `[out, in]` layout: the right-hand side is its transposed view.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use cubek_matmul::components::tile::TileMatmulKind;
 use cubek_matmul::definition::{MatmulElems, MatmulGlobalElems};
-use cubek_matmul::launch::{launch_ref, Strategy};
+use cubek_matmul::launch::launch_ref;
+pub use cubek_matmul::launch::Strategy;
+use cubek_matmul::routines::double_buffering::DoubleBufferingArgs;
+use cubek_matmul::routines::ordered_double_buffering::OrderedSelectionArgs;
+use cubek_matmul::routines::simple::SimpleArgs;
+use cubek_matmul::routines::BlueprintStrategy;
 use cubek_std::InputBinding;
 
 /// `y` `[m, n]` = `x` `[m, k]` · `w` `[n, k]`ᵀ; `Err` names why no kernel could be set up.
 #[allow(clippy::too_many_arguments)]
 pub fn launch<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
+    x: &Handle,
+    w: &Handle,
+    y: &Handle,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<(), String> {
+    let tma = Strategy::SpecializedTmaMma(BlueprintStrategy::Inferred(().into()));
+    launch_with::<R, F>(client, &tma, x, w, y, m, n, k)
+        .or_else(|_| launch_with::<R, F>(client, &Strategy::Auto, x, w, y, m, n, k))
+}
+
+/// cubek's tensor-core strategies worth comparing on a device, by name (the accelerated set
+/// Burn's matmul autotuner tries, with the same arguments).
+pub fn candidates() -> Vec<(&'static str, Strategy)> {
+    let args = |multi_rows, tile_matmul| SimpleArgs {
+        multi_rows,
+        tile_matmul,
+    };
+    let simple =
+        |multi_rows, tile_matmul| BlueprintStrategy::Inferred(args(multi_rows, tile_matmul));
+    let ordered = |row_count, tile_matmul| {
+        BlueprintStrategy::Inferred(OrderedSelectionArgs {
+            partition_k: Some(2),
+            row_count: Some(row_count),
+            rows_per_plane: Some(2),
+            tile_matmul,
+        })
+    };
+    let double = |specialized, tile_matmul| {
+        BlueprintStrategy::Inferred(DoubleBufferingArgs {
+            specialized,
+            tile_matmul,
+        })
+    };
+    let (cmma, mma) = (TileMatmulKind::Cmma, TileMatmulKind::Mma);
+    vec![
+        (
+            "simple_cyclic_cmma",
+            Strategy::SimpleCyclicCmma(simple(false, cmma)),
+        ),
+        (
+            "simple_cyclic_mma",
+            Strategy::SimpleCyclicMma(simple(false, mma)),
+        ),
+        (
+            "simple_cyclic_mma_multirow",
+            Strategy::SimpleCyclicMma(simple(true, mma)),
+        ),
+        (
+            "ordered_double_mma_r4",
+            Strategy::OrderedDoubleMma(ordered(4, mma)),
+        ),
+        (
+            "ordered_double_mma_r8",
+            Strategy::OrderedDoubleMma(ordered(8, mma)),
+        ),
+        (
+            "ordered_double_cmma_r8",
+            Strategy::OrderedDoubleCmma(ordered(8, cmma)),
+        ),
+        (
+            "double_cyclic_mma",
+            Strategy::DoubleCyclicMma(double(false, mma)),
+        ),
+        (
+            "double_cyclic_mma_specialized",
+            Strategy::DoubleCyclicMma(double(true, mma)),
+        ),
+        (
+            "specialized_cyclic_mma",
+            Strategy::SpecializedCyclicMma(BlueprintStrategy::Inferred(().into())),
+        ),
+        (
+            "simple_tma_mma",
+            Strategy::SimpleTmaMma(BlueprintStrategy::Inferred(args(false, mma))),
+        ),
+        (
+            "simple_tma_mma_multirow",
+            Strategy::SimpleTmaMma(BlueprintStrategy::Inferred(args(true, mma))),
+        ),
+        (
+            "specialized_tma_mma",
+            Strategy::SpecializedTmaMma(BlueprintStrategy::Inferred(().into())),
+        ),
+    ]
+}
+
+/// [`launch`] with a chosen cubek strategy.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_with<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    strategy: &Strategy,
     x: &Handle,
     w: &Handle,
     y: &Handle,
@@ -35,7 +137,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
         out: dtype,
     });
     launch_ref(
-        &Strategy::Auto,
+        strategy,
         client,
         InputBinding::new(lhs, dtype),
         InputBinding::new(rhs, dtype),
