@@ -277,7 +277,7 @@ fn bench_decode_attention(b: &mut Bench) {
 /// the shortest split that yields enough cubes).
 fn sweep_decode_attention(b: &mut Bench) {
     for ctx in [516, 2048, 8192, 32768] {
-        decode_attention_case(b, 1, ctx, &[Some(64), Some(128), Some(256), Some(512)]);
+        decode_attention_case(b, 1, ctx, &[Some(128), Some(256), Some(512), Some(1024)]);
     }
 }
 

@@ -1,8 +1,9 @@
 //! Paged attention for decode (one query token per sequence), GQA-aware and split-K
 //! (flash-decoding).
 //!
-//! A cube serves one (token, K/V head, split): it holds the `group` query heads that share that
-//! K/V head in shared memory, so each K/V row is read once for all of them. Within a split the
+//! A cube serves one (token, K/V head, split), one unit per key of the split (up to 512): it
+//! holds the `group` query heads that share that K/V head in shared memory, so each K/V row is
+//! read once for all of them. Within a split the
 //! softmax is exact (scores kept in shared memory, f32); splits are merged by `combine`, which
 //! rescales each split's partial sums by its running maximum. Keys are found through the block
 //! table: slot = block_table[pos / block_size] · block_size + pos % block_size.
@@ -13,14 +14,21 @@ use cubecl::server::Handle;
 use crate::vector::vector_size;
 
 /// Keys one split covers at most (its scores live in shared memory: group × split f32).
-const MAX_SPLIT_KEYS: usize = 512;
+const MAX_SPLIT_KEYS: usize = 1024;
 /// Shorter splits add merge work faster than they add parallelism: on the H100, one token at
 /// 2,048 keys ran 22 µs with 128-key splits and 26–28 µs with 64-key ones (a tie at 516 keys).
 const MIN_SPLIT_KEYS: usize = 128;
-/// Cubes worth launching before splits get shorter (a few per multiprocessor).
-const TARGET_CUBES: usize = 512;
+/// Cubes worth launching before splits get shorter. Nsight Compute, one token, split + merge
+/// (benches/RESULTS.md): at 8k keys 256-key splits (256 cubes) 34 µs against 39 for 128-key
+/// ones (512 cubes); at 32k 1,024-key splits (256 cubes) 95 µs against 120 for 512-key ones.
+const TARGET_CUBES: usize = 256;
 /// Splits one merge can take: the most a context of `max_context` keys makes (shared memory).
 const MAX_COMBINED: usize = 2048;
+/// V rows each unit has in flight in P·V.
+const V_IN_FLIGHT: usize = 8;
+/// Units per cube of the split kernel: one per key of the split, up to this many (a unit's
+/// registers hold one K row).
+const MAX_THREADS: usize = 512;
 /// Upper bound on planes per cube, for the reductions' shared memory (head_dim ≤ 256, plane ≥ 4).
 const MAX_PLANES: usize = 64;
 
@@ -68,6 +76,7 @@ fn split_kernel<F: Float, N: Size>(
     #[comptime] block_size: usize,
     #[comptime] split_keys: usize,
     #[comptime] vec: usize,
+    #[comptime] threads: usize,
 ) {
     let token = CUBE_POS_X as usize;
     let row = query_rows[token] as usize; // the query's row in `q` and `out`
@@ -88,21 +97,22 @@ fn split_kernel<F: Float, N: Size>(
     // Offset (in vectors) of each key's K/V row, found once through the block table.
     let mut rows = SharedMemory::<u32>::new(split_keys);
     let tid = UNIT_POS as usize;
-    #[unroll]
-    for g in 0..group {
-        q_s[g * head_dim + tid] =
-            f32::cast_from(q[(row * heads + kvh * group + g) * head_dim + tid]);
+    // The group's query heads are contiguous in `q`.
+    let mut i = tid;
+    while i < group * head_dim {
+        q_s[i] = f32::cast_from(q[(row * heads + kvh * group) * head_dim + i]);
+        i += threads;
     }
     let mut kk = tid;
     while kk < n_keys {
         let pos = first + kk;
         let block = block_tables[token * max_blocks + pos / block_size] as usize;
         rows[kk] = (((block * block_size + pos % block_size) * kv_heads + kvh) * vecs) as u32;
-        kk += head_dim;
+        kk += threads;
     }
     sync_cube();
 
-    // Scores: each unit takes keys tid, tid + head_dim, ..., reading K rows in vectors.
+    // Scores: each unit takes keys tid, tid + threads, ..., reading K rows in vectors.
     let mut kk = tid;
     while kk < n_keys {
         let row = rows[kk] as usize;
@@ -127,7 +137,7 @@ fn split_kernel<F: Float, N: Size>(
         for g in 0..group {
             scores[g * split_keys + kk] = dots[g] * scale;
         }
-        kk += head_dim;
+        kk += threads;
     }
     sync_cube();
 
@@ -144,7 +154,7 @@ fn split_kernel<F: Float, N: Size>(
         let mut kk = tid;
         while kk < n_keys {
             m = f32::max(m, scores[g * split_keys + kk]);
-            kk += head_dim;
+            kk += threads;
         }
         let m = plane_max(m);
         if UNIT_POS_PLANE == 0 {
@@ -167,7 +177,7 @@ fn split_kernel<F: Float, N: Size>(
             let p = f32::exp(scores[g * split_keys + kk] - m);
             scores[g * split_keys + kk] = p;
             s += p;
-            kk += head_dim;
+            kk += threads;
         }
         let s = plane_sum(s);
         if UNIT_POS_PLANE == 0 {
@@ -185,43 +195,43 @@ fn split_kernel<F: Float, N: Size>(
     }
 
     // P·V: `vecs` units share a V row (one vector each); the cube's units form
-    // head_dim / vecs key groups that walk the keys side by side.
+    // threads / vecs key groups that walk the keys side by side, `V_IN_FLIGHT` V rows' loads in
+    // flight per unit.
     let lane = tid % vecs;
-    let key_groups = head_dim / vecs;
+    let key_groups = threads / vecs;
     let kg = tid / vecs;
     let mut acc = Array::<Vector<f32, N>>::new(group);
     #[unroll]
     for g in 0..group {
         acc[g] = Vector::new(0.0);
     }
-    // Four keys' V loads in flight per unit, then the stragglers one at a time.
     let mut kk = kg;
-    while kk + 3 * key_groups < n_keys {
-        let mut vs = Array::<Vector<f32, N>>::new(4usize);
+    while kk < n_keys {
+        let mut vs = Array::<Vector<f32, N>>::new(V_IN_FLIGHT);
         #[unroll]
-        for j in 0..4usize {
-            vs[j] = Vector::<f32, N>::cast_from(v_cache[rows[kk + j * key_groups] as usize + lane]);
-        }
-        #[unroll]
-        for j in 0..4usize {
-            #[unroll]
-            for g in 0..group {
-                acc[g] += vs[j] * Vector::new(scores[g * split_keys + kk + j * key_groups]);
+        for j in 0..V_IN_FLIGHT {
+            let key = kk + j * key_groups;
+            vs[j] = Vector::new(0.0);
+            if key < n_keys {
+                vs[j] = Vector::<f32, N>::cast_from(v_cache[rows[key] as usize + lane]);
             }
         }
-        kk += 4 * key_groups;
-    }
-    while kk < n_keys {
-        let v = Vector::<f32, N>::cast_from(v_cache[rows[kk] as usize + lane]);
         #[unroll]
-        for g in 0..group {
-            acc[g] += v * Vector::new(scores[g * split_keys + kk]);
+        for j in 0..V_IN_FLIGHT {
+            let key = kk + j * key_groups;
+            if key < n_keys {
+                #[unroll]
+                for g in 0..group {
+                    acc[g] += vs[j] * Vector::new(scores[g * split_keys + key]);
+                }
+            }
         }
-        kk += key_groups;
+        kk += V_IN_FLIGHT * key_groups;
     }
-    // Sum the key groups' partials: [key group][head][dim] in shared memory.
-    // `vec` (= N) key groups.
-    let mut red = SharedMemory::<f32>::new(vec * group * head_dim);
+    // Sum the key groups' partials: [key group][head][dim] in shared memory; the split's
+    // statistics beside them.
+    let mut red =
+        SharedMemory::<f32>::new(comptime![threads / (head_dim / vec) * group * head_dim]);
     #[unroll]
     for g in 0..group {
         #[unroll]
@@ -229,26 +239,37 @@ fn split_kernel<F: Float, N: Size>(
             red[(kg * group + g) * head_dim + lane * N::value() + e] = acc[g][e];
         }
     }
+    let mut stats = SharedMemory::<f32>::new(2 * group);
+    if tid == 0 {
+        #[unroll]
+        for g in 0..group {
+            stats[2 * g] = maxes[g];
+            stats[2 * g + 1] = sums[g];
+        }
+    }
     sync_cube();
 
+    // One unit per (head, dimension) of the group.
     let n_splits = ctx.div_ceil(split_keys);
-    #[unroll]
-    for g in 0..group {
+    let mut i = tid;
+    while i < group * head_dim {
+        let (g, d) = (i / head_dim, i % head_dim);
         let mut total = f32::new(0.0);
         for j in 0..key_groups {
-            total += red[(j * group + g) * head_dim + tid];
+            total += red[(j * group + g) * head_dim + d];
         }
         let h = kvh * group + g;
         if n_splits == 1 {
-            out[(row * heads + h) * head_dim + tid] = F::cast_from(total / sums[g]);
+            out[(row * heads + h) * head_dim + d] = F::cast_from(total / stats[2 * g + 1]);
         } else {
             let at = (token * heads + h) * max_splits + split;
-            part_acc[at * head_dim + tid] = total;
-            if tid == 0 {
-                part_ml[at * 2] = maxes[g];
-                part_ml[at * 2 + 1] = sums[g];
+            part_acc[at * head_dim + d] = total;
+            if d == 0 {
+                part_ml[at * 2] = stats[2 * g];
+                part_ml[at * 2 + 1] = stats[2 * g + 1];
             }
         }
+        i += threads;
     }
 }
 
@@ -336,7 +357,7 @@ impl Workspace {
         Self::with_split_keys(client, tokens, heads, head_dim, max_context, split_keys)
     }
 
-    /// [`Workspace::new`] with the keys per split chosen by the caller (64 to 512; the
+    /// [`Workspace::new`] with the keys per split chosen by the caller (64 to 1,024; the
     /// benchmark sweeps them).
     pub fn with_split_keys<R: Runtime>(
         client: &ComputeClient<R>,
@@ -404,10 +425,12 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     let arr = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
     let n_part = tokens * heads * ws.max_splits;
     let q_len = q.size() as usize / size_of::<F>();
+    // One unit per key of a split (the scores phase then takes one round of K loads).
+    let threads = ws.split_keys.clamp(head_dim, MAX_THREADS);
     split_kernel::launch::<F, R>(
         client,
         CubeCount::Static(tokens as u32, kv_heads as u32, ws.max_splits as u32),
-        CubeDim::new_1d(head_dim as u32),
+        CubeDim::new_1d(threads as u32),
         v,
         arr(rows, tokens),
         arr(q, q_len),
@@ -427,6 +450,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
         block_size,
         ws.split_keys,
         v,
+        threads,
     );
     if ws.max_splits > 1 {
         combine_kernel::launch::<F, R>(
