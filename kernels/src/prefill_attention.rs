@@ -349,6 +349,34 @@ fn copy_block<F: Float, N: Size>(
     }
 }
 
+/// `acc += A·B` for the two 8-column tiles of B one ldmatrix ×4 loaded (`b`: registers 0–1
+/// the first tile's, 2–3 the second's), whose accumulators are `acc[at..at + 2]` and
+/// `acc[at + 2..at + 4]`.
+#[cube]
+fn mma_two_tiles<F: Float>(
+    def: &cmma::MmaDefinition<F, F, f32>,
+    a: &Array<Pair<F>>,
+    b: &Array<Pair<F>>,
+    acc: &mut Array<Pair<f32>>,
+    at: usize,
+) {
+    #[unroll]
+    for t in 0..2usize {
+        let mut bt = Array::<Pair<F>>::new(2usize);
+        let mut c = Array::<Pair<f32>>::new(2usize);
+        #[unroll]
+        for j in 0..2usize {
+            bt[j] = b[2 * t + j];
+            c[j] = acc[at + 2 * t + j];
+        }
+        def.execute_inplace(a, &bt, &mut c);
+        #[unroll]
+        for j in 0..2usize {
+            acc[at + 2 * t + j] = c[j];
+        }
+    }
+}
+
 /// The tensor-core path, FlashAttention-2 style: each plane keeps its 16 query rows' Q, scores
 /// and output in `mma` (m16n8k16, f32 accumulation) register fragments for the whole walk; only
 /// K and V pass through shared memory, double-buffered: the next key block's async copies
@@ -481,14 +509,11 @@ fn attend_mma<F: Float, N: Size>(
         // the pair, columns 8·(L / 8 % 2) of the chunk.
         let mut s = Array::<Pair<f32>>::new(comptime![2 * bc / 8]);
         #[unroll]
+        for i in 0..comptime![2 * bc / 8] {
+            s[i] = Vector::new(0.0);
+        }
+        #[unroll]
         for np in 0..comptime![bc / 16] {
-            let mut acc0 = Array::<Pair<f32>>::new(2usize);
-            let mut acc1 = Array::<Pair<f32>>::new(2usize);
-            #[unroll]
-            for j in 0..2usize {
-                acc0[j] = Vector::new(0.0);
-                acc1[j] = Vector::new(0.0);
-            }
             let key = np * 16 + 8 * (lane / 16) + lane % 8;
             #[unroll]
             for kk in 0..d_chunks {
@@ -504,19 +529,7 @@ fn attend_mma<F: Float, N: Size>(
                 for j in 0..4usize {
                     a[j] = q_frag[kk * 4 + j];
                 }
-                let mut b0 = Array::<Pair<F>>::new(2usize);
-                let mut b1 = Array::<Pair<F>>::new(2usize);
-                b0[0] = b[0];
-                b0[1] = b[1];
-                b1[0] = b[2];
-                b1[1] = b[3];
-                def.execute_inplace(&a, &b0, &mut acc0);
-                def.execute_inplace(&a, &b1, &mut acc1);
-            }
-            #[unroll]
-            for j in 0..2usize {
-                s[np * 4 + j] = acc0[j];
-                s[np * 4 + 2 + j] = acc1[j];
+                mma_two_tiles::<F>(&def, &a, &b, &mut s, np * 4);
             }
         }
 
@@ -604,24 +617,7 @@ fn attend_mma<F: Float, N: Size>(
                     4usize,
                     true,
                 );
-                let mut b0 = Array::<Pair<F>>::new(2usize);
-                let mut b1 = Array::<Pair<F>>::new(2usize);
-                b0[0] = b[0];
-                b0[1] = b[1];
-                b1[0] = b[2];
-                b1[1] = b[3];
-                let mut acc0 = Array::<Pair<f32>>::new(2usize);
-                let mut acc1 = Array::<Pair<f32>>::new(2usize);
-                acc0[0] = o[4 * dp];
-                acc0[1] = o[4 * dp + 1];
-                acc1[0] = o[4 * dp + 2];
-                acc1[1] = o[4 * dp + 3];
-                def.execute_inplace(&a, &b0, &mut acc0);
-                def.execute_inplace(&a, &b1, &mut acc1);
-                o[4 * dp] = acc0[0];
-                o[4 * dp + 1] = acc0[1];
-                o[4 * dp + 2] = acc1[0];
-                o[4 * dp + 3] = acc1[1];
+                mma_two_tiles::<F>(&def, &a, &b, &mut o, 4 * dp);
             }
         }
         sync_cube(); // this buffer is free for the block after next
