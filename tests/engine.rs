@@ -118,6 +118,35 @@ fn same_seed_same_output() {
     assert_ne!(run(11), run(12));
 }
 
+/// Greedy steps are queued ahead with device-chosen tokens; steps with a sampled row run one at
+/// a time. Requests of both kinds sharing batches (the engine switching between the two every
+/// few steps as they start and end) give what each gives alone.
+#[test]
+fn greedy_and_sampled_requests_share_batches() {
+    let e = engine();
+    let sampled = SamplingParams {
+        temperature: 0.9,
+        seed: Some(5),
+        max_tokens: 6,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let greedy_req = |p: &str| Request::new(p).sampling(greedy(14));
+    let solo_greedy = e.generate(greedy_req(PROMPTS[1])).unwrap().token_ids;
+    let solo_sampled = e
+        .generate(Request::new(PROMPTS[3]).sampling(sampled.clone()))
+        .unwrap()
+        .token_ids;
+    let streams = [
+        e.stream(greedy_req(PROMPTS[1])).unwrap(),
+        e.stream(Request::new(PROMPTS[3]).sampling(sampled))
+            .unwrap(),
+    ];
+    let [g, s] = streams.map(|s| s.into_completion().unwrap().token_ids);
+    assert_eq!(g, solo_greedy);
+    assert_eq!(s, solo_sampled);
+}
+
 #[test]
 fn stop_string_ends_generation_and_is_not_emitted() {
     let e = engine();
