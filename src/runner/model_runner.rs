@@ -81,8 +81,12 @@ impl<B: Backend> Forward for ModelRunner<B> {
             Readback::Logits => StepOutput::Logits(logits),
             Readback::Greedy => {
                 let vocab = self.vocab_size();
-                self.last_tokens = logits.chunks_exact(vocab).map(argmax).collect();
-                StepOutput::Tokens(self.last_tokens.clone())
+                let tokens: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
+                // A step without rows leaves the last picks in place, as the device runner does.
+                if !tokens.is_empty() {
+                    self.last_tokens = tokens.clone();
+                }
+                StepOutput::Tokens(tokens)
             }
         };
         self.done.push_back(out);
