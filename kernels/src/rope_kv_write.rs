@@ -1,8 +1,10 @@
 //! Rotary position embedding fused with the KV write. Rotate-half form (HF's; kiln un-permutes
 //! GGUF's interleaved Q/K at load) from an f32 cos/sin table `[max_pos, head_dim / 2]` (any
-//! scaling is baked into the table). Q `[tokens, heads, head_dim]` is rotated in place; K is
-//! rotated on its way into the paged pool and V copied there (`[slots, kv_heads, head_dim]`
-//! each), at each token's slot: one launch where a separate RoPE and KV write took two.
+//! scaling is baked into the table). Q is rotated into its own `[tokens, heads, head_dim]`
+//! buffer; K is rotated on its way into the paged pool and V copied there (`[slots, kv_heads,
+//! head_dim]` each), at each token's slot: one launch where a separate RoPE and KV write took
+//! two. Q, K and V are read with a row stride per token, so they can be the three parts of one
+//! fused Q/K/V projection's rows (`[tokens, heads + 2·kv_heads, head_dim]`).
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -12,7 +14,8 @@ const THREADS: u32 = 256;
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rope_kv_write_kernel<F: Float>(
-    q: &mut Array<F>,
+    q: &Array<F>,
+    q_out: &mut Array<F>,
     k: &Array<F>,
     v: &Array<F>,
     k_cache: &mut Array<F>,
@@ -25,6 +28,8 @@ fn rope_kv_write_kernel<F: Float>(
     heads: usize,
     kv_heads: usize,
     half: usize,
+    q_stride: usize,
+    kv_stride: usize,
 ) {
     // One unit per (token, head among Q's, then K's, then V's, pair i).
     let i = ABSOLUTE_POS % half;
@@ -40,14 +45,15 @@ fn rope_kv_write_kernel<F: Float>(
         let c = cos[p * half + i];
         let s = sin[p * half + i];
         if h < heads {
-            let base = (t * heads + h) * 2 * half;
-            let x1 = f32::cast_from(q[base + i]);
-            let x2 = f32::cast_from(q[base + half + i]);
-            q[base + i] = F::cast_from(x1 * c - x2 * s);
-            q[base + half + i] = F::cast_from(x2 * c + x1 * s);
+            let src = t * q_stride + h * 2 * half;
+            let dst = (t * heads + h) * 2 * half;
+            let x1 = f32::cast_from(q[src + i]);
+            let x2 = f32::cast_from(q[src + half + i]);
+            q_out[dst + i] = F::cast_from(x1 * c - x2 * s);
+            q_out[dst + half + i] = F::cast_from(x2 * c + x1 * s);
         } else {
             let kh = h - heads;
-            let src = (t * kv_heads + kh) * 2 * half;
+            let src = t * kv_stride + kh * 2 * half;
             let dst = (slots[t] as usize * kv_heads + kh) * 2 * half;
             let x1 = f32::cast_from(k[src + i]);
             let x2 = f32::cast_from(k[src + half + i]);
@@ -56,24 +62,30 @@ fn rope_kv_write_kernel<F: Float>(
         }
     } else {
         let vh = h - heads - kv_heads;
-        let src = (t * kv_heads + vh) * 2 * half;
+        let src = t * kv_stride + vh * 2 * half;
         let dst = (slots[t] as usize * kv_heads + vh) * 2 * half;
         v_cache[dst + i] = v[src + i];
         v_cache[dst + half + i] = v[src + half + i];
     }
 }
 
-/// The step's tensors: Q and K/V of `tokens` tokens, their positions and slots (u32).
+/// The step's tensors: Q and K/V of `tokens` tokens — token t's Q row at `t · q_stride`, its K
+/// and V rows at `t · kv_stride` (elements) — their positions and slots (u32), and where the
+/// rotated Q goes.
 pub struct Step<'a> {
     pub q: &'a Handle,
     pub k: &'a Handle,
     pub v: &'a Handle,
+    pub q_stride: usize,
+    pub kv_stride: usize,
     pub positions: &'a Handle,
     pub slots: &'a Handle,
     pub tokens: usize,
+    pub q_out: &'a Handle,
 }
 
-/// Rotates `step.q` in place and writes rotated K and V into row `slots[t]` of the caches.
+/// Rotates `step.q` into `step.q_out` and writes rotated K and V into row `slots[t]` of the
+/// caches.
 #[allow(clippy::too_many_arguments)]
 pub fn launch<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -90,21 +102,27 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
         q,
         k,
         v,
+        q_stride,
+        kv_stride,
         positions,
         slots,
         tokens,
+        q_out,
     } = step;
     let half = head_dim / 2;
     let units = tokens * (heads + 2 * kv_heads) * half;
     let table = cos.size() as usize / 4;
     let cache_len = k_cache.size() as usize / size_of::<F>();
-    let kv_len = tokens * kv_heads * head_dim;
+    // The elements each view spans: its last token's row ends there.
+    let span = |stride: usize, width: usize| tokens.saturating_sub(1) * stride + width;
+    let kv_len = span(kv_stride, kv_heads * head_dim);
     let arr = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
     rope_kv_write_kernel::launch::<F, R>(
         client,
         CubeCount::Static(units.div_ceil(THREADS as usize) as u32, 1, 1),
         CubeDim::new_1d(THREADS),
-        arr(q, tokens * heads * head_dim),
+        arr(q, span(q_stride, heads * head_dim)),
+        arr(q_out, tokens * heads * head_dim),
         arr(k, kv_len),
         arr(v, kv_len),
         arr(k_cache, cache_len),
@@ -117,6 +135,8 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
         heads,
         kv_heads,
         half,
+        q_stride,
+        kv_stride,
     );
 }
 
@@ -155,7 +175,15 @@ mod tests {
     use super::*;
     use crate::test_util::{client, fill, read, rel_err, upload, Elem};
 
-    fn check<F: Elem>(tokens: usize, heads: usize, kv_heads: usize, head_dim: usize, tol: f64) {
+    /// `fused`: Q, K and V as the three parts of one projection's rows.
+    fn check<F: Elem>(
+        tokens: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        fused: bool,
+        tol: f64,
+    ) {
         let c = client();
         let half = head_dim / 2;
         let (max_pos, slots_total) = (300, 2 * tokens + 5);
@@ -170,26 +198,50 @@ mod tests {
         let slots: Vec<u32> = (0..tokens as u32)
             .map(|t| (t * 7 + 3) % slots_total as u32)
             .collect();
-        let width = kv_heads * head_dim;
-        let mut q = F::round_trip(&fill(tokens * heads * head_dim, 31));
+        let (q_width, width) = (heads * head_dim, kv_heads * head_dim);
+        let mut q = F::round_trip(&fill(tokens * q_width, 31));
         let mut k = F::round_trip(&fill(tokens * width, 32));
         let v = F::round_trip(&fill(tokens * width, 33));
         let mut kc = F::round_trip(&fill(slots_total * width, 34));
         let mut vc = F::round_trip(&fill(slots_total * width, 35));
-        let (qh, kch, vch) = (
-            upload::<F>(&c, &q),
-            upload::<F>(&c, &kc),
-            upload::<F>(&c, &vc),
-        );
+        let (kch, vch) = (upload::<F>(&c, &kc), upload::<F>(&c, &vc));
+        let q_out = upload::<F>(&c, &vec![f32::NAN; q.len()]);
         let to = |v: &[f32]| c.create_from_slice(f32::as_bytes(v));
         let u32s = |v: &[u32]| c.create_from_slice(u32::as_bytes(v));
+        let (positions_h, slots_h) = (u32s(&positions), u32s(&slots));
+        let (qh, kh, vh, q_stride, kv_stride);
+        if fused {
+            let row = q_width + 2 * width;
+            let rows: Vec<f32> = (0..tokens)
+                .flat_map(|t| {
+                    let part = |x: &[f32], w: usize| x[t * w..][..w].to_vec();
+                    [part(&q, q_width), part(&k, width), part(&v, width)].concat()
+                })
+                .collect();
+            let all = upload::<F>(&c, &rows);
+            let es = size_of::<F>() as u64;
+            kh = all.clone().offset_start(q_width as u64 * es);
+            vh = all.clone().offset_start((q_width + width) as u64 * es);
+            qh = all;
+            (q_stride, kv_stride) = (row, row);
+        } else {
+            (qh, kh, vh) = (
+                upload::<F>(&c, &q),
+                upload::<F>(&c, &k),
+                upload::<F>(&c, &v),
+            );
+            (q_stride, kv_stride) = (q_width, width);
+        }
         let step = Step {
             q: &qh,
-            k: &upload::<F>(&c, &k),
-            v: &upload::<F>(&c, &v),
-            positions: &u32s(&positions),
-            slots: &u32s(&slots),
+            k: &kh,
+            v: &vh,
+            q_stride,
+            kv_stride,
+            positions: &positions_h,
+            slots: &slots_h,
             tokens,
+            q_out: &q_out,
         };
         launch::<_, F>(
             &c,
@@ -206,16 +258,26 @@ mod tests {
         rope_reference(&mut k, &positions, &cos, &sin, kv_heads, head_dim);
         write_reference(&k, &mut kc, &slots, width);
         write_reference(&v, &mut vc, &slots, width);
-        let eq = rel_err(&read::<F>(&c, qh), &q);
+        let eq = rel_err(&read::<F>(&c, q_out), &q);
         let ek = rel_err(&read::<F>(&c, kch), &kc);
-        assert!(eq < tol && ek < tol, "{}: q {eq} k cache {ek}", F::NAME);
-        assert_eq!(read::<F>(&c, vch), vc, "{}: v cache", F::NAME);
+        assert!(
+            eq < tol && ek < tol,
+            "{} fused {fused}: q {eq} k cache {ek}",
+            F::NAME
+        );
+        assert_eq!(read::<F>(&c, vch), vc, "{} fused {fused}: v cache", F::NAME);
     }
 
     #[test]
     fn matches_reference() {
-        check::<f32>(5, 9, 3, 64, 1e-6);
-        check::<f32>(1, 4, 4, 128, 1e-6);
-        check::<half::f16>(7, 14, 2, 64, 2e-3);
+        check::<f32>(5, 9, 3, 64, false, 1e-6);
+        check::<f32>(1, 4, 4, 128, false, 1e-6);
+        check::<half::f16>(7, 14, 2, 64, false, 2e-3);
+    }
+
+    #[test]
+    fn reads_a_fused_projection() {
+        check::<f32>(5, 9, 3, 64, true, 1e-6);
+        check::<half::f16>(7, 14, 2, 64, true, 2e-3);
     }
 }

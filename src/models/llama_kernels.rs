@@ -2,8 +2,9 @@
 //! launched directly on device buffers: no Burn ops and no fusion layer on the hot path.
 //! Generic over the CubeCL runtime (CUDA in the engine, wgpu in CI) and the element type.
 //!
-//! Per layer at decode sizes (≤ 8 rows, seven launches): Q/K/V GEMV with the RMSNorm folded in
-//! (+bias) → [Q/K RMSNorm] → RoPE + KV write → paged attention → O GEMV adding into the
+//! Per layer at decode sizes (≤ 8 rows, seven launches): Q/K/V GEMV (one fused weight) with the
+//! RMSNorm folded in (+bias) → [Q/K RMSNorm] → RoPE + KV write (reading the fused rows) → paged
+//! attention → O GEMV adding into the
 //! residual stream → gate-up GEMV with the RMSNorm folded in and SiLU·mul → down GEMV adding
 //! into the residual stream. Larger batches run a fused add+RMSNorm kernel before cubek's GEMMs.
 //! Attention: one-token chunks (decode) run the split-K paged decode kernel, longer chunks
@@ -43,8 +44,9 @@ struct Proj {
 /// the norm's weight multiplied into their columns, so the GEMVs fold the norm in and prefill
 /// normalizes with a unit weight.
 struct Layer {
-    /// Q, K and V rows in one weight `[(heads + 2·kv_heads)·head_dim, hidden]`: one GEMV at
-    /// decode. `q`, `k`, `v` are views into it, for batches whose outputs must stay apart.
+    /// Q, K and V rows in one weight `[(heads + 2·kv_heads)·head_dim, hidden]`: one projection
+    /// for all three. `q`, `k`, `v` are views into it, for Qwen3's per-head Q/K norms, which
+    /// need each output contiguous across tokens.
     qkv: Proj,
     q: Proj,
     k: Proj,
@@ -468,30 +470,37 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
             pending: None,
         };
         for (i, layer) in self.layers.iter().enumerate() {
-            let (q, k, v) = if t == 1 {
-                // One token: the fused output is [q | k | v], so K and V are views into it.
+            // Q/K/V from the one fused projection (each token's row is [q | k | v]; K and V
+            // are views into it), except where per-head Q/K norms (Qwen3) need each part
+            // contiguous across tokens.
+            let fused = t == 1 || layer.q_norm.is_none();
+            let (q, k, v, q_stride, kv_stride) = if fused {
                 let [qkv] =
-                    exactly(self.normed_projections(&mut stream, &[&layer.qkv], 1, false)?)?;
+                    exactly(self.normed_projections(&mut stream, &[&layer.qkv], t, false)?)?;
                 let (q_bytes, k_bytes) = ((layer.q.out * es) as u64, (layer.k.out * es) as u64);
                 let k = qkv.clone().offset_start(q_bytes);
                 let v = qkv.clone().offset_start(q_bytes + k_bytes);
-                (qkv, k, v)
+                (qkv, k, v, layer.qkv.out, layer.qkv.out)
             } else {
                 let projs = [&layer.q, &layer.k, &layer.v];
                 let [q, k, v] = exactly(self.normed_projections(&mut stream, &projs, t, false)?)?;
-                (q, k, v)
+                (q, k, v, layer.q.out, layer.k.out)
             };
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 rms_norm::launch::<R, F>(cl, &q, None, qn, &q, t * heads, hd, eps);
                 rms_norm::launch::<R, F>(cl, &k, None, kn, &k, t * kvh, hd, eps);
             }
+            let q_rot = cl.empty(t * heads * hd * es);
             let step = rope_kv_write::Step {
                 q: &q,
                 k: &k,
                 v: &v,
+                q_stride,
+                kv_stride,
                 positions: &positions,
                 slots: &slots,
                 tokens: t,
+                q_out: &q_rot,
             };
             rope_kv_write::launch::<R, F>(
                 cl,
@@ -517,7 +526,7 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
                     cl,
                     decode_shape,
                     queries,
-                    &q,
+                    &q_rot,
                     kc,
                     vc,
                     &attn,
@@ -532,7 +541,7 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
                     self.prefill_tiling,
                     plan,
                     tile_plan.len() / 4,
-                    &q,
+                    &q_rot,
                     &self.k_cache[i],
                     &self.v_cache[i],
                     tables,
