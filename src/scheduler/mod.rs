@@ -126,7 +126,7 @@ impl Scheduler {
             let s = &self.running[i];
             let end = s.num_computed + n;
             let known = end.min(s.tokens.len());
-            let sample = end == s.tokens.len() + usize::from(s.awaiting.is_some());
+            let sample = end == s.num_computed + s.num_pending(); // reaches its last token
             let mut tokens = s.tokens[s.num_computed..known].to_vec();
             let deferred = s.awaiting.filter(|_| end > known);
             if deferred.is_some() {
