@@ -210,10 +210,11 @@ fn sweep_gemv(b: &mut Bench) {
         for &(planes, rows_per_plane, depth) in &[
             (4u32, 1usize, 4usize),
             (4, 1, 8),
-            (8, 1, 8),
-            (2, 1, 8),
-            (4, 2, 8),
-            (4, 1, 16),
+            (8, 1, 4),
+            (4, 2, 2),
+            (4, 2, 4),
+            (2, 2, 4),
+            (4, 4, 2),
         ] {
             let tuning = gemv::Tuning {
                 planes,
