@@ -268,17 +268,151 @@ fn bench_decode_attention(b: &mut Bench) {
     }
 }
 
-/// Decode attention's keys per split, one token at short to long context (the default picks
-/// the shortest split that yields enough cubes).
+/// Decode attention with RoPE and the KV write folded in (decode-only steps): each query's
+/// Q/K/V come as one fused projection row before RoPE; checked (output and caches) against the
+/// references, timed.
+fn bench_decode_attention_fresh(b: &mut Bench) {
+    let cases: &[(usize, usize)] = if b.quick {
+        &[(1, 700), (3, 90)]
+    } else {
+        &[(1, 516), (16, 2048)]
+    };
+    let (kv_heads, group, hd, block_size) = (8usize, 4usize, 128usize, 16usize);
+    let heads = kv_heads * group;
+    let (q_width, kv_width) = (heads * hd, kv_heads * hd);
+    let width = q_width + 2 * kv_width;
+    for &(tokens, ctx) in cases {
+        let max_blocks = ctx.div_ceil(block_size);
+        let num_blocks = tokens * max_blocks;
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..ids.len()).rev() {
+            let j = b.rng.random_range(0..=i);
+            ids.swap(i, j);
+        }
+        let ctxs: Vec<u32> = (0..tokens).map(|t| (ctx - t % 7) as u32).collect();
+        let positions: Vec<u32> = ctxs.iter().map(|&c| c - 1).collect();
+        let slots: Vec<u32> = (0..tokens)
+            .map(|t| {
+                let p = positions[t] as usize;
+                (ids[t * max_blocks + p / block_size] as usize * block_size + p % block_size) as u32
+            })
+            .collect();
+        let half = hd / 2;
+        let angles: Vec<f32> = (0..ctx * half)
+            .map(|j| (j / half) as f32 * 10000f32.powf(-((j % half) as f32) / half as f32))
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let projected = b.random(tokens * width);
+        let mut k_cache = b.random(num_blocks * block_size * kv_width);
+        let mut v_cache = b.random(num_blocks * block_size * kv_width);
+        let (kh, vh) = (b.upload(&k_cache), b.upload(&v_cache));
+        let all = b.upload(&projected);
+        let es = size_of::<bf16>() as u64;
+        let f32s = |v: &[f32]| b.client.create_from_slice(f32::as_bytes(v));
+        let u32s = |v: &[u32]| b.client.create_from_slice(u32::as_bytes(v));
+        let (cos_h, sin_h) = (f32s(&cos), f32s(&sin));
+        let (bt, cl) = (u32s(&ids), u32s(&ctxs));
+        let rows = u32s(&(0..tokens as u32).collect::<Vec<_>>());
+        let queries = pda::Queries {
+            count: tokens,
+            rows: &rows,
+            block_tables: &bt,
+            context_lens: &cl,
+        };
+        let shape = pda::Shape {
+            kv_heads,
+            group,
+            head_dim: hd,
+            block_size,
+            max_blocks,
+        };
+        let (k_new, v_new) = (
+            all.clone().offset_start(q_width as u64 * es),
+            all.clone().offset_start((q_width + kv_width) as u64 * es),
+        );
+        let query = pda::Query::Fresh(pda::Fresh {
+            q: &all,
+            k: &k_new,
+            v: &v_new,
+            q_stride: width,
+            kv_stride: width,
+            cos: &cos_h,
+            sin: &sin_h,
+        });
+        let ws = pda::Workspace::new(&b.client, tokens, kv_heads, heads, hd, ctx);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let out = b.poisoned(tokens * q_width);
+        let run = |b: &Bench| {
+            pda::launch::<R, bf16>(&b.client, shape, queries, query, &kh, &vh, &out, &ws, scale)
+        };
+        run(b);
+        let part = |t: usize, at: usize, w: usize| projected[t * width + at..][..w].to_vec();
+        let mut q: Vec<f32> = (0..tokens).flat_map(|t| part(t, 0, q_width)).collect();
+        let mut k: Vec<f32> = (0..tokens)
+            .flat_map(|t| part(t, q_width, kv_width))
+            .collect();
+        let v: Vec<f32> = (0..tokens)
+            .flat_map(|t| part(t, q_width + kv_width, kv_width))
+            .collect();
+        rope_kv_write::rope_reference(&mut q, &positions, &cos, &sin, heads, hd);
+        rope_kv_write::rope_reference(&mut k, &positions, &cos, &sin, kv_heads, hd);
+        rope_kv_write::write_reference(&k, &mut k_cache, &slots, kv_width);
+        rope_kv_write::write_reference(&v, &mut v_cache, &slots, kv_width);
+        let want = pda::reference(shape, &q, &k_cache, &v_cache, &ids, &ctxs, scale);
+        let err = b.check("decode attention fresh", &b.read(out.clone()), &want, 2e-2);
+        b.check(
+            "decode attention fresh: K cache",
+            &b.read(kh.clone()),
+            &k_cache,
+            1e-2,
+        );
+        b.check(
+            "decode attention fresh: V cache",
+            &b.read(vh.clone()),
+            &v_cache,
+            1e-2,
+        );
+        let secs = b.time(20, |_| run(b));
+        let keys: usize = ctxs.iter().map(|&c| c as usize).sum();
+        b.record(
+            "decode attn + RoPE/KV",
+            format!("tok={tokens} ctx={ctx}"),
+            secs,
+            (keys * kv_width * 2 * 2) as f64,
+            err,
+        );
+    }
+}
+
+/// Decode attention's keys per split and units per cube, one token at short to long context
+/// (the default picks the shortest split that yields enough cubes).
 fn sweep_decode_attention(b: &mut Bench) {
+    let short = [
+        (32, 128),
+        (32, 256),
+        (64, 128),
+        (64, 256),
+        (128, 512),
+        (256, 512),
+    ];
+    let long = [(128, 512), (256, 512), (512, 512), (1024, 512)];
     for ctx in [516, 2048, 8192, 32768] {
-        decode_attention_case(b, 1, ctx, &[Some(128), Some(256), Some(512), Some(1024)]);
+        let configs = if ctx <= 2048 { &short[..] } else { &long[..] };
+        let configs: Vec<_> = configs.iter().map(|&c| Some(c)).collect();
+        decode_attention_case(b, 1, ctx, &configs);
     }
 }
 
 /// `tokens` decode queries of about `ctx` keys each (Llama-3.1-8B heads), each over a shuffled
-/// set of blocks: checked, then timed once per split length (`None`: the default).
-fn decode_attention_case(b: &mut Bench, tokens: usize, ctx: usize, splits: &[Option<usize>]) {
+/// set of blocks: checked, then timed once per (keys per split, units per cube) (`None`: the
+/// default).
+fn decode_attention_case(
+    b: &mut Bench,
+    tokens: usize,
+    ctx: usize,
+    splits: &[Option<(usize, usize)>],
+) {
     let (kv_heads, group, head_dim, block_size) = (8usize, 4usize, 128usize, 16usize);
     let heads = kv_heads * group;
     let max_blocks = ctx.div_ceil(block_size);
@@ -316,12 +450,16 @@ fn decode_attention_case(b: &mut Bench, tokens: usize, ctx: usize, splits: &[Opt
         .then(|| pda::reference(shape, &q, &k, &v, &ids, &ctxs, scale));
     for &split in splits {
         let ws = match split {
-            Some(s) => pda::Workspace::with_split_keys(&b.client, tokens, heads, head_dim, ctx, s),
+            Some((keys, threads)) => pda::Workspace {
+                threads,
+                ..pda::Workspace::with_split_keys(&b.client, tokens, heads, head_dim, ctx, keys)
+            },
             None => pda::Workspace::new(&b.client, tokens, kv_heads, heads, head_dim, ctx),
         };
         let out = b.poisoned(q.len());
         let run = |b: &Bench| {
-            pda::launch::<R, bf16>(&b.client, shape, queries, &qh, &kh, &vh, &out, &ws, scale)
+            let query = pda::Query::Rotated(&qh);
+            pda::launch::<R, bf16>(&b.client, shape, queries, query, &kh, &vh, &out, &ws, scale)
         };
         run(b);
         let got = b.read(out.clone());
@@ -339,7 +477,10 @@ fn decode_attention_case(b: &mut Bench, tokens: usize, ctx: usize, splits: &[Opt
         let keys: usize = ctxs.iter().map(|&c| c as usize).sum();
         let bytes = (keys * kv_heads * head_dim * 2 * 2) as f64;
         let (name, desc) = match split {
-            Some(s) => ("decode attn (split)", format!("split={s} tok=1 ctx={ctx}")),
+            Some((keys, threads)) => (
+                "decode attn (split)",
+                format!("split={keys} units={threads} tok=1 ctx={ctx}"),
+            ),
             None => (
                 "paged_decode_attention",
                 format!("tok={tokens} ctx={ctx} kvh=8 g=4 d=128"),
@@ -713,7 +854,7 @@ fn main() {
     // $KILN_BENCH_ONLY (comma-separated names) runs a subset.
     let only = std::env::var("KILN_BENCH_ONLY").ok();
     type BenchFn = fn(&mut Bench);
-    let benches: [(&str, BenchFn); 11] = [
+    let benches: [(&str, BenchFn); 12] = [
         ("rms_norm", bench_rms_norm),
         ("silu_mul", bench_silu_mul),
         ("step_kernels", bench_step_kernels),
@@ -722,6 +863,7 @@ fn main() {
         ("gemv_swiglu", bench_gemv_swiglu),
         ("sweep_gemv", sweep_gemv),
         ("decode_attention", bench_decode_attention),
+        ("decode_attention_fresh", bench_decode_attention_fresh),
         ("sweep_decode_attention", sweep_decode_attention),
         ("prefill_attention", bench_prefill_attention),
         ("sweep_matmul", sweep_matmul),

@@ -1,12 +1,19 @@
 //! Paged attention for decode (one query token per sequence), GQA-aware and split-K
 //! (flash-decoding).
 //!
-//! A cube serves one (token, K/V head, split), one unit per key of the split (up to 512): it
-//! holds the `group` query heads that share that K/V head in shared memory, so each K/V row is
-//! read once for all of them. Within a split the
-//! softmax is exact (scores kept in shared memory, f32); splits are merged by `combine`, which
-//! rescales each split's partial sums by its running maximum. Keys are found through the block
-//! table: slot = block_table[pos / block_size] · block_size + pos % block_size.
+//! A cube serves one (token, K/V head, split): it holds the `group` query heads that share that
+//! K/V head in shared memory, so each K/V row is read once for all of them. Short chains of
+//! dependent instructions matter more than anything at decode's sizes (a cube is one of few on
+//! its SM, so nothing hides their latency): each key's score is split over `lanes` units that
+//! each take a slice of the head and meet by plane shuffles, and short splits spread a short
+//! context over the whole device. Within a split the softmax is exact (scores in shared memory,
+//! f32); splits are merged by `combine`, which rescales each split's partial sums by its running
+//! maximum. Keys are found through the block table: slot = block_table[pos / block_size] ·
+//! block_size + pos % block_size.
+//!
+//! Decode-only steps can fold RoPE and the KV write in ([`Query::Fresh`]): the cube rotates its
+//! queries as it loads them, and the cube whose split holds the new token rotates that token's
+//! key and writes it and its value into the caches before reading them back with the rest.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -15,20 +22,23 @@ use crate::vector::vector_size;
 
 /// Keys one split covers at most (its scores live in shared memory: group × split f32).
 const MAX_SPLIT_KEYS: usize = 1024;
-/// Shorter splits add merge work faster than they add parallelism: on the H100, one token at
-/// 2,048 keys ran 22 µs with 128-key splits and 26–28 µs with 64-key ones (a tie at 516 keys).
-const MIN_SPLIT_KEYS: usize = 128;
+/// Shortest split: shorter ones add merge work faster than they shorten the split (Nsight
+/// Compute, one token at 516 keys: 32-key splits 10.3 + 5.8 µs, 64-key 10.9 + 5.0).
+const MIN_SPLIT_KEYS: usize = 64;
 /// Cubes worth launching before splits get shorter. Nsight Compute, one token, split + merge
-/// (benches/RESULTS.md): at 8k keys 256-key splits (256 cubes) 34 µs against 39 for 128-key
-/// ones (512 cubes); at 32k 1,024-key splits (256 cubes) 95 µs against 120 for 512-key ones.
-const TARGET_CUBES: usize = 256;
+/// (benches/RESULTS.md): 128-key splits at 2k keys (128 cubes) 13.3 + 5.4 µs against 13.0 + 7.1
+/// for 64-key ones; 512-key splits at 8k 26.9 + 5.4 against 32.6 + 7.1 for 256-key ones.
+const TARGET_CUBES: usize = 128;
 /// Splits one merge can take: the most a context of `max_context` keys makes (shared memory).
 const MAX_COMBINED: usize = 2048;
+/// Partial rows the merge has in flight per unit.
+const MERGE_IN_FLIGHT: usize = 16;
 /// V rows each unit has in flight in P·V.
 const V_IN_FLIGHT: usize = 8;
-/// Units per cube of the split kernel: one per key of the split, up to this many (a unit's
-/// registers hold one K row).
+/// Units per cube of the split kernel at most.
 const MAX_THREADS: usize = 512;
+/// Units per key in the scores phase while the cube has room for them.
+const LANES_PER_KEY: usize = 4;
 /// Upper bound on planes per cube, for the reductions' shared memory (head_dim ≤ 256, plane ≥ 4).
 const MAX_PLANES: usize = 64;
 
@@ -39,6 +49,17 @@ pub fn split_keys(tokens: usize, kv_heads: usize, max_context: usize) -> usize {
         split /= 2;
     }
     split
+}
+
+/// Units per cube for splits of `split_keys`: `LANES_PER_KEY` per key up to 128-key splits
+/// (128 to 512 units), one per key beyond (up to 512: at 8k keys 256-key splits ran 25.7 µs
+/// with 256 units, 32.6 with 512 at two per key).
+pub fn split_threads(split_keys: usize) -> usize {
+    if split_keys <= 128 {
+        (split_keys * LANES_PER_KEY).clamp(128, MAX_THREADS)
+    } else {
+        split_keys.min(MAX_THREADS)
+    }
 }
 
 /// The attention's shape. All but `max_blocks` are compile-time constants of the kernel (the
@@ -55,19 +76,67 @@ pub struct Shape {
     pub max_blocks: usize,
 }
 
-#[cube(launch)]
+/// Rotate-half RoPE of element `d` of a head whose elements are at `x[base..base + 2·half]`,
+/// at table row `pos` of the f32 cos/sin tables `[max_pos, half]`.
+#[cube]
+fn rotated<F: Float>(
+    x: &Array<F>,
+    base: usize,
+    d: usize,
+    half: usize,
+    pos: usize,
+    cos: &Array<f32>,
+    sin: &Array<f32>,
+) -> f32 {
+    let j = d % half;
+    let first_half = d < half;
+    // Pairs (j, j + half): x_j' = x_j·c − x_{j+half}·s, x_{j+half}' = x_{j+half}·c + x_j·s.
+    let other = f32::cast_from(x[base + select(first_half, d + half, j)]);
+    let sign = select(first_half, f32::new(-1.0), f32::new(1.0));
+    f32::cast_from(x[base + d]) * cos[pos * half + j] + sign * other * sin[pos * half + j]
+}
+
+/// Issues the loads of this unit's V vectors (lane `lane`) for keys `kk + j · key_groups`, j <
+/// `V_IN_FLIGHT` (zeros past the split's last key).
+#[cube]
+fn load_v<F: Float, N: Size>(
+    v_cache: &Array<Vector<F, N>>,
+    rows: &SharedMemory<u32>,
+    vs: &mut Array<Vector<F, N>>,
+    kk: usize,
+    lane: usize,
+    n_keys: usize,
+    #[comptime] key_groups: usize,
+) {
+    #[unroll]
+    for j in 0..V_IN_FLIGHT {
+        let key = kk + j * key_groups;
+        vs[j] = Vector::new(F::new(0.0));
+        if key < n_keys {
+            vs[j] = v_cache[rows[key] as usize + lane];
+        }
+    }
+}
+
+#[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn split_kernel<F: Float, N: Size>(
     query_rows: &Array<u32>,
     q: &Array<F>,
-    k_cache: &Array<Vector<F, N>>,
-    v_cache: &Array<Vector<F, N>>,
+    k_new: &Array<F>,
+    v_new: &Array<F>,
+    cos: &Array<f32>,
+    sin: &Array<f32>,
+    k_cache: &mut Array<Vector<F, N>>,
+    v_cache: &mut Array<Vector<F, N>>,
     block_tables: &Array<u32>,
     context_lens: &Array<u32>,
     out: &mut Array<F>,
     part_acc: &mut Array<f32>,
     part_ml: &mut Array<f32>,
     scale: f32,
+    q_stride: usize,
+    kv_stride: usize,
     max_splits: usize,
     max_blocks: usize,
     #[comptime] kv_heads: usize,
@@ -77,6 +146,8 @@ fn split_kernel<F: Float, N: Size>(
     #[comptime] split_keys: usize,
     #[comptime] vec: usize,
     #[comptime] threads: usize,
+    #[comptime] lanes: usize,
+    #[comptime] fresh: bool,
 ) {
     let token = CUBE_POS_X as usize;
     let row = query_rows[token] as usize; // the query's row in `q` and `out`
@@ -90,54 +161,116 @@ fn split_kernel<F: Float, N: Size>(
     }
     let n_keys = usize::min(split_keys, ctx - first);
     let heads = kv_heads * group;
-    let vecs = head_dim / N::value();
+    let vecs = comptime![head_dim / vec];
+    let half = comptime![head_dim / 2];
+    // The query's position: the last key.
+    let pos = ctx - 1;
 
+    // The group's query heads, pre-scaled (and rotated, fresh).
     let mut q_s = SharedMemory::<f32>::new(group * head_dim);
     let mut scores = SharedMemory::<f32>::new(group * split_keys);
     // Offset (in vectors) of each key's K/V row, found once through the block table.
     let mut rows = SharedMemory::<u32>::new(split_keys);
     let tid = UNIT_POS as usize;
-    // The group's query heads are contiguous in `q`.
     let mut i = tid;
     while i < group * head_dim {
-        q_s[i] = f32::cast_from(q[(row * heads + kvh * group) * head_dim + i]);
+        let base = row * q_stride + (kvh * group + i / head_dim) * head_dim;
+        let d = i % head_dim;
+        let x = if comptime![fresh] {
+            rotated::<F>(q, base, d, half, pos, cos, sin)
+        } else {
+            f32::cast_from(q[base + d])
+        };
+        q_s[i] = x * scale;
         i += threads;
     }
     let mut kk = tid;
     while kk < n_keys {
-        let pos = first + kk;
-        let block = block_tables[token * max_blocks + pos / block_size] as usize;
-        rows[kk] = (((block * block_size + pos % block_size) * kv_heads + kvh) * vecs) as u32;
+        let p = first + kk;
+        let block = block_tables[token * max_blocks + p / block_size] as usize;
+        rows[kk] = (((block * block_size + p % block_size) * kv_heads + kvh) * vecs) as u32;
         kk += threads;
     }
     sync_cube();
 
-    // Scores: each unit takes keys tid, tid + threads, ..., reading K rows in vectors.
-    let mut kk = tid;
-    while kk < n_keys {
-        let row = rows[kk] as usize;
+    if comptime![fresh] {
+        // The new token's K (rotated) and V into the caches, by the split that reads them.
+        if pos < first + n_keys {
+            if tid < vecs {
+                let at = rows[n_keys - 1] as usize + tid;
+                let base = row * kv_stride + kvh * head_dim;
+                let mut kv = Vector::<F, N>::empty();
+                let mut vv = Vector::<F, N>::empty();
+                #[unroll]
+                for e in 0..N::value() {
+                    let d = tid * N::value() + e;
+                    kv[e] = F::cast_from(rotated::<F>(k_new, base, d, half, pos, cos, sin));
+                    vv[e] = v_new[base + d];
+                }
+                k_cache[at] = kv;
+                v_cache[at] = vv;
+            }
+            sync_storage();
+            sync_cube();
+        }
+    }
+
+    // P·V's first V rows' loads go out now, so they travel with the K loads instead of after
+    // the softmax: `vecs` units share a V row (one vector each); the cube's units form
+    // threads / vecs key groups that walk the keys side by side, `V_IN_FLIGHT` rows in flight
+    // per unit.
+    let lane = tid % vecs;
+    let key_groups = comptime![threads / vecs];
+    let kg = tid / vecs;
+    let mut vs = Array::<Vector<F, N>>::new(V_IN_FLIGHT);
+    load_v::<F, N>(v_cache, &rows, &mut vs, kg, lane, n_keys, key_groups);
+
+    // Scores: `lanes` units per key, each a slice of the head (vectors part, part + lanes, …,
+    // so a key's loads are contiguous), summed by shuffles; every unit runs every round, so
+    // the shuffles see their whole plane.
+    let slots = comptime![threads / lanes];
+    let slot = tid / lanes;
+    let part = tid % lanes;
+    #[unroll]
+    for r in 0..comptime![split_keys.div_ceil(threads / lanes)] {
+        let kk = slot + r * slots;
         let mut dots = Array::<f32>::new(group);
         #[unroll]
         for g in 0..group {
             dots[g] = f32::new(0.0);
         }
-        // Unrolled: the row's loads are all in flight before the first product needs one.
-        #[unroll]
-        for i in 0..comptime![head_dim / vec] {
-            let kv = Vector::<f32, N>::cast_from(k_cache[row + i]);
+        if kk < n_keys {
+            let base = rows[kk] as usize;
+            let mut ks = Array::<Vector<f32, N>>::new(comptime![vecs / lanes]);
+            // All of the key's loads in flight before the first product needs one.
             #[unroll]
-            for e in 0..N::value() {
+            for j in 0..comptime![vecs / lanes] {
+                ks[j] = Vector::<f32, N>::cast_from(k_cache[base + part + j * lanes]);
+            }
+            #[unroll]
+            for j in 0..comptime![vecs / lanes] {
+                let at = (part + j * lanes) * N::value();
                 #[unroll]
-                for g in 0..group {
-                    dots[g] += q_s[g * head_dim + i * N::value() + e] * kv[e];
+                for e in 0..N::value() {
+                    #[unroll]
+                    for g in 0..group {
+                        dots[g] += q_s[g * head_dim + at + e] * ks[j][e];
+                    }
                 }
             }
         }
         #[unroll]
         for g in 0..group {
-            scores[g * split_keys + kk] = dots[g] * scale;
+            let mut s = dots[g];
+            let mut mask = 1u32;
+            while mask < comptime![lanes as u32] {
+                s += plane_shuffle_xor(s, mask);
+                mask *= 2;
+            }
+            if kk < n_keys && part == 0 {
+                scores[g * split_keys + kk] = s;
+            }
         }
-        kk += threads;
     }
     sync_cube();
 
@@ -194,12 +327,6 @@ fn split_kernel<F: Float, N: Size>(
         sums[g] = s;
     }
 
-    // P·V: `vecs` units share a V row (one vector each); the cube's units form
-    // threads / vecs key groups that walk the keys side by side, `V_IN_FLIGHT` V rows' loads in
-    // flight per unit.
-    let lane = tid % vecs;
-    let key_groups = threads / vecs;
-    let kg = tid / vecs;
     let mut acc = Array::<Vector<f32, N>>::new(group);
     #[unroll]
     for g in 0..group {
@@ -207,31 +334,23 @@ fn split_kernel<F: Float, N: Size>(
     }
     let mut kk = kg;
     while kk < n_keys {
-        let mut vs = Array::<Vector<f32, N>>::new(V_IN_FLIGHT);
-        #[unroll]
-        for j in 0..V_IN_FLIGHT {
-            let key = kk + j * key_groups;
-            vs[j] = Vector::new(0.0);
-            if key < n_keys {
-                vs[j] = Vector::<f32, N>::cast_from(v_cache[rows[key] as usize + lane]);
-            }
-        }
         #[unroll]
         for j in 0..V_IN_FLIGHT {
             let key = kk + j * key_groups;
             if key < n_keys {
+                let v = Vector::<f32, N>::cast_from(vs[j]);
                 #[unroll]
                 for g in 0..group {
-                    acc[g] += vs[j] * Vector::new(scores[g * split_keys + key]);
+                    acc[g] += v * Vector::new(scores[g * split_keys + key]);
                 }
             }
         }
         kk += V_IN_FLIGHT * key_groups;
+        load_v::<F, N>(v_cache, &rows, &mut vs, kk, lane, n_keys, key_groups);
     }
     // Sum the key groups' partials: [key group][head][dim] in shared memory; the split's
     // statistics beside them.
-    let mut red =
-        SharedMemory::<f32>::new(comptime![threads / (head_dim / vec) * group * head_dim]);
+    let mut red = SharedMemory::<f32>::new(comptime![threads / vecs * group * head_dim]);
     #[unroll]
     for g in 0..group {
         #[unroll]
@@ -274,7 +393,7 @@ fn split_kernel<F: Float, N: Size>(
 }
 
 /// Merges the splits of sequences longer than one split; one cube per (token, head).
-#[cube(launch)]
+#[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn combine_kernel<F: Float>(
     query_rows: &Array<u32>,
@@ -314,22 +433,22 @@ fn combine_kernel<F: Float>(
     let mut den = f32::new(0.0);
     let mut s = 0usize;
     while s < n_splits {
-        // Four splits' loads in flight (past the last split: its row re-read, then skipped).
-        let mut parts = Array::<f32>::new(4usize);
+        // Several splits' loads in flight (past the last split: its row re-read, then skipped).
+        let mut parts = Array::<f32>::new(MERGE_IN_FLIGHT);
         #[unroll]
-        for j in 0..4usize {
+        for j in 0..MERGE_IN_FLIGHT {
             let at = usize::min(s + j, n_splits - 1);
             parts[j] = part_acc[(base + at) * head_dim + d];
         }
         #[unroll]
-        for j in 0..4usize {
+        for j in 0..MERGE_IN_FLIGHT {
             if s + j < n_splits {
                 let w = f32::exp(ml[2 * (s + j)] - m);
                 num += w * parts[j];
                 den += w * ml[2 * (s + j) + 1];
             }
         }
-        s += 4;
+        s += MERGE_IN_FLIGHT;
     }
     let row = query_rows[token] as usize;
     out[(row * heads + h) * head_dim + d] = F::cast_from(num / den);
@@ -341,6 +460,8 @@ pub struct Workspace {
     pub ml: Handle,
     pub max_splits: usize,
     pub split_keys: usize,
+    /// Units per cube of the split kernel.
+    pub threads: usize,
 }
 
 impl Workspace {
@@ -357,7 +478,7 @@ impl Workspace {
         Self::with_split_keys(client, tokens, heads, head_dim, max_context, split_keys)
     }
 
-    /// [`Workspace::new`] with the keys per split chosen by the caller (64 to 1,024; the
+    /// [`Workspace::new`] with the keys per split chosen by the caller (32 to 1,024; the
     /// benchmark sweeps them).
     pub fn with_split_keys<R: Runtime>(
         client: &ComputeClient<R>,
@@ -376,6 +497,7 @@ impl Workspace {
             ml: client.empty(n * 2 * 4),
             max_splits,
             split_keys,
+            threads: split_threads(split_keys),
         }
     }
 }
@@ -391,14 +513,38 @@ pub struct Queries<'a> {
     pub context_lens: &'a Handle,
 }
 
-/// Attention of the decode queries in `q` `[rows, heads, head_dim]` over their paged K/V
-/// (`[slots, kv_heads, head_dim]` each), into the same rows of `out`.
+/// Where the queries come from.
+#[derive(Clone, Copy)]
+pub enum Query<'a> {
+    /// Rotated queries `[rows, heads, head_dim]`; the new tokens' K and V already in the caches.
+    Rotated(&'a Handle),
+    /// The step's projections before RoPE: RoPE and the KV write happen here.
+    Fresh(Fresh<'a>),
+}
+
+/// Each query's token as projected: its Q row at `row · q_stride` of `q`, its K and V rows
+/// at `row · kv_stride` of `k` and `v` (elements; they may be views into one fused
+/// projection), and the f32 RoPE tables `[max_pos, head_dim / 2]`. The token's position is
+/// its context length − 1, its slot the block table's for that position.
+#[derive(Clone, Copy)]
+pub struct Fresh<'a> {
+    pub q: &'a Handle,
+    pub k: &'a Handle,
+    pub v: &'a Handle,
+    pub q_stride: usize,
+    pub kv_stride: usize,
+    pub cos: &'a Handle,
+    pub sin: &'a Handle,
+}
+
+/// Attention of the decode queries (`query`) over their paged K/V (`[slots, kv_heads,
+/// head_dim]` each), into rows `[heads, head_dim]` of `out` (row `rows[i]` for query i).
 #[allow(clippy::too_many_arguments)]
 pub fn launch<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     shape: Shape,
     queries: Queries,
-    q: &Handle,
+    query: Query,
     k_cache: &Handle,
     v_cache: &Handle,
     out: &Handle,
@@ -423,50 +569,70 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     let v = vector_size(client, size_of::<F>(), head_dim);
     let cache_vecs = k_cache.size() as usize / size_of::<F>() / v;
     let arr = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
+    let len = |h: &Handle, elem: usize| h.size() as usize / elem;
     let n_part = tokens * heads * ws.max_splits;
-    let q_len = q.size() as usize / size_of::<F>();
-    // One unit per key of a split (the scores phase then takes one round of K loads).
-    let threads = ws.split_keys.clamp(head_dim, MAX_THREADS);
-    split_kernel::launch::<F, R>(
-        client,
-        CubeCount::Static(tokens as u32, kv_heads as u32, ws.max_splits as u32),
-        CubeDim::new_1d(threads as u32),
-        v,
-        arr(rows, tokens),
-        arr(q, q_len),
-        arr(k_cache, cache_vecs),
-        arr(v_cache, cache_vecs),
-        arr(block_tables, tokens * max_blocks),
-        arr(context_lens, tokens),
-        arr(out, q_len),
-        arr(&ws.acc, n_part * head_dim),
-        arr(&ws.ml, n_part * 2),
-        scale,
-        ws.max_splits,
-        max_blocks,
-        kv_heads,
-        group,
-        head_dim,
-        block_size,
-        ws.split_keys,
-        v,
-        threads,
-    );
-    if ws.max_splits > 1 {
-        combine_kernel::launch::<F, R>(
+    let out_len = len(out, size_of::<F>());
+    // Lanes per key: what the cube's units allow, within a plane and a head's vectors.
+    let plane = client.properties().hardware.plane_size_min as usize;
+    let lanes = (ws.threads / ws.split_keys).clamp(1, (head_dim / v).min(plane));
+    // Without fresh tokens the K/V and table arguments are unread: any valid buffer will do.
+    let (q, k_new, v_new, cos, sin, q_stride, kv_stride, fresh) = match query {
+        Query::Rotated(q) => (q, q, q, rows, rows, heads * head_dim, 0, false),
+        Query::Fresh(f) => (f.q, f.k, f.v, f.cos, f.sin, f.q_stride, f.kv_stride, true),
+    };
+    // Every index stays in bounds (the tests poison outputs, compute-sanitizer checks the
+    // rest), so the launches skip CubeCL's per-access bounds checks: at decode's sizes the
+    // kernel is a chain of dependent instructions, and each check lengthens it.
+    unsafe {
+        split_kernel::launch_unchecked::<F, R>(
             client,
-            CubeCount::Static(tokens as u32, heads as u32, 1),
-            CubeDim::new_1d(head_dim as u32),
+            CubeCount::Static(tokens as u32, kv_heads as u32, ws.max_splits as u32),
+            CubeDim::new_1d(ws.threads as u32),
+            v,
             arr(rows, tokens),
+            arr(q, len(q, size_of::<F>())),
+            arr(k_new, len(k_new, size_of::<F>())),
+            arr(v_new, len(v_new, size_of::<F>())),
+            arr(cos, len(cos, 4)),
+            arr(sin, len(sin, 4)),
+            arr(k_cache, cache_vecs),
+            arr(v_cache, cache_vecs),
+            arr(block_tables, tokens * max_blocks),
             arr(context_lens, tokens),
+            arr(out, out_len),
             arr(&ws.acc, n_part * head_dim),
             arr(&ws.ml, n_part * 2),
-            arr(out, q_len),
+            scale,
+            q_stride,
+            kv_stride,
             ws.max_splits,
-            heads,
+            max_blocks,
+            kv_heads,
+            group,
             head_dim,
+            block_size,
             ws.split_keys,
+            v,
+            ws.threads,
+            lanes,
+            fresh,
         );
+        if ws.max_splits > 1 {
+            combine_kernel::launch_unchecked::<F, R>(
+                client,
+                CubeCount::Static(tokens as u32, heads as u32, 1),
+                CubeDim::new_1d(head_dim as u32),
+                arr(rows, tokens),
+                arr(context_lens, tokens),
+                arr(&ws.acc, n_part * head_dim),
+                arr(&ws.ml, n_part * 2),
+                arr(out, out_len),
+                ws.max_splits,
+                heads,
+                head_dim,
+                ws.split_keys,
+            );
+        }
     }
 }
 
@@ -529,31 +695,38 @@ pub fn reference(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rope_kv_write::{rope_reference, write_reference};
     use crate::test_util::{client, fill, read, rel_err, upload, Elem};
 
+    /// Decode queries of contexts `ctxs`, each over a shuffled, disjoint set of the pool's
+    /// blocks; query i at row `tokens - 1 - i` of the step. `fresh`: the step's tokens come as
+    /// one fused Q/K/V projection before RoPE, their cache rows hold garbage until the kernel
+    /// writes them, and the caches are checked too.
     fn check<F: Elem>(
         kv_heads: usize,
         group: usize,
         head_dim: usize,
         block_size: usize,
         ctxs: &[u32],
+        fresh: bool,
         tol: f64,
     ) {
         let c = client();
         let tokens = ctxs.len();
         let heads = kv_heads * group;
+        let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
         let max_ctx = *ctxs.iter().max().unwrap() as usize;
         let max_blocks = max_ctx.div_ceil(block_size);
         let num_blocks = tokens * max_blocks + 3;
-        // Each token's blocks: a shuffled, disjoint set of the pool.
         let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
         ids.reverse();
         ids.rotate_left(2);
         let block_tables: Vec<u32> = (0..tokens * max_blocks).map(|i| ids[i]).collect();
         let slots = num_blocks * block_size;
-        let q = fill(tokens * heads * head_dim, 11);
-        let k = fill(slots * kv_heads * head_dim, 12);
-        let v = fill(slots * kv_heads * head_dim, 13);
+        let mut q = F::round_trip(&fill(tokens * q_width, 11));
+        let mut k = F::round_trip(&fill(slots * kv_width, 12));
+        let mut v = F::round_trip(&fill(slots * kv_width, 13));
+        let (kh, vh) = (upload::<F>(&c, &k), upload::<F>(&c, &v));
         let shape = Shape {
             kv_heads,
             group,
@@ -566,7 +739,6 @@ mod tests {
         let ws = Workspace::new(&c, tokens, kv_heads, heads, head_dim, max_ctx);
         let bt = c.create_from_slice(u32::as_bytes(&block_tables));
         let cl = c.create_from_slice(u32::as_bytes(ctxs));
-        // Query i sits at row `tokens - 1 - i` of `q` and `out`.
         let rows: Vec<u32> = (0..tokens as u32).rev().collect();
         let queries = Queries {
             count: tokens,
@@ -574,50 +746,101 @@ mod tests {
             block_tables: &bt,
             context_lens: &cl,
         };
-        launch::<_, F>(
-            &c,
-            shape,
-            queries,
-            &upload::<F>(&c, &q),
-            &upload::<F>(&c, &k),
-            &upload::<F>(&c, &v),
-            &out,
-            &ws,
-            scale,
-        );
-        let (q, k, v) = (F::round_trip(&q), F::round_trip(&k), F::round_trip(&v));
-        let row_len = heads * head_dim;
+        // Row r of the step: its position and slot (the last key of its query).
+        let mut positions = vec![0u32; tokens];
+        let mut new_slots = vec![0u32; tokens];
+        for (i, &r) in rows.iter().enumerate() {
+            let p = ctxs[i] as usize - 1;
+            positions[r as usize] = p as u32;
+            let block = block_tables[i * max_blocks + p / block_size] as usize;
+            new_slots[r as usize] = (block * block_size + p % block_size) as u32;
+        }
+        let half = head_dim / 2;
+        let angles: Vec<f32> = (0..max_ctx * half)
+            .map(|j| (j / half) as f32 * 10000f32.powf(-((j % half) as f32) / half as f32))
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        if fresh {
+            let mut k_new = F::round_trip(&fill(tokens * kv_width, 14));
+            let v_new = F::round_trip(&fill(tokens * kv_width, 15));
+            let width = q_width + 2 * kv_width;
+            let projected: Vec<f32> = (0..tokens)
+                .flat_map(|t| {
+                    let part = |x: &[f32], w: usize| x[t * w..][..w].to_vec();
+                    [
+                        part(&q, q_width),
+                        part(&k_new, kv_width),
+                        part(&v_new, kv_width),
+                    ]
+                    .concat()
+                })
+                .collect();
+            let all = upload::<F>(&c, &projected);
+            let es = size_of::<F>() as u64;
+            let to = |v: &[f32]| c.create_from_slice(f32::as_bytes(v));
+            let (cos_h, sin_h) = (to(&cos), to(&sin));
+            let query = Query::Fresh(Fresh {
+                q: &all,
+                k: &all.clone().offset_start(q_width as u64 * es),
+                v: &all.clone().offset_start((q_width + kv_width) as u64 * es),
+                q_stride: width,
+                kv_stride: width,
+                cos: &cos_h,
+                sin: &sin_h,
+            });
+            launch::<_, F>(&c, shape, queries, query, &kh, &vh, &out, &ws, scale);
+            rope_reference(&mut q, &positions, &cos, &sin, heads, head_dim);
+            rope_reference(&mut k_new, &positions, &cos, &sin, kv_heads, head_dim);
+            write_reference(&k_new, &mut k, &new_slots, kv_width);
+            write_reference(&v_new, &mut v, &new_slots, kv_width);
+            let ek = rel_err(&read::<F>(&c, kh), &k);
+            assert!(ek < tol, "{} k cache: rel err {ek}", F::NAME);
+            assert_eq!(read::<F>(&c, vh), v, "{}: v cache", F::NAME);
+        } else {
+            let query = Query::Rotated(&upload::<F>(&c, &q));
+            launch::<_, F>(&c, shape, queries, query, &kh, &vh, &out, &ws, scale);
+        }
         let in_query_order: Vec<f32> = rows
             .iter()
-            .flat_map(|&r| q[r as usize * row_len..][..row_len].to_vec())
+            .flat_map(|&r| q[r as usize * q_width..][..q_width].to_vec())
             .collect();
         let by_query = reference(shape, &in_query_order, &k, &v, &block_tables, ctxs, scale);
         let mut expected = vec![0f32; q.len()];
         for (i, &r) in rows.iter().enumerate() {
-            expected[r as usize * row_len..][..row_len]
-                .copy_from_slice(&by_query[i * row_len..][..row_len]);
+            expected[r as usize * q_width..][..q_width]
+                .copy_from_slice(&by_query[i * q_width..][..q_width]);
         }
         let e = rel_err(&read::<F>(&c, out), &expected);
         assert!(
             e < tol,
-            "{} kvh {kv_heads} g {group} d {head_dim} bs {block_size} ctx {ctxs:?}: rel err {e}",
+            "{} kvh {kv_heads} g {group} d {head_dim} bs {block_size} ctx {ctxs:?} fresh {fresh}: \
+             rel err {e}",
             F::NAME
         );
     }
 
     #[test]
     fn one_split_ragged_contexts() {
-        check::<f32>(2, 4, 64, 16, &[1, 17, 100, 512], 1e-5);
-        check::<f32>(3, 3, 64, 16, &[33], 1e-5);
+        check::<f32>(2, 4, 64, 16, &[1, 17, 100, 512], false, 1e-5);
+        check::<f32>(3, 3, 64, 16, &[33], false, 1e-5);
     }
 
     #[test]
     fn several_splits_are_merged() {
-        check::<f32>(1, 2, 32, 16, &[513, 1300, 40], 1e-5);
+        check::<f32>(1, 2, 32, 16, &[513, 1300, 40], false, 1e-5);
+        check::<f32>(2, 4, 128, 16, &[45, 300], false, 1e-5);
     }
 
     #[test]
     fn f16() {
-        check::<half::f16>(2, 4, 64, 16, &[700, 9], 3e-3);
+        check::<half::f16>(2, 4, 64, 16, &[700, 9], false, 3e-3);
+    }
+
+    #[test]
+    fn rope_and_kv_write_folded_in() {
+        check::<f32>(2, 4, 64, 16, &[1, 17, 100, 512], true, 1e-5);
+        check::<f32>(1, 2, 32, 16, &[513, 1300, 40], true, 1e-5);
+        check::<half::f16>(2, 4, 128, 16, &[700, 9, 64], true, 3e-3);
     }
 }

@@ -2,11 +2,12 @@
 //! launched directly on device buffers: no Burn ops and no fusion layer on the hot path.
 //! Generic over the CubeCL runtime (CUDA in the engine, wgpu in CI) and the element type.
 //!
-//! Per layer at decode sizes (≤ 8 rows, seven launches): Q/K/V GEMV (one fused weight) with the
-//! RMSNorm folded in (+bias) → [Q/K RMSNorm] → RoPE + KV write (reading the fused rows) → paged
-//! attention → O GEMV adding into the
-//! residual stream → gate-up GEMV with the RMSNorm folded in and SiLU·mul → down GEMV adding
-//! into the residual stream. Larger batches run a fused add+RMSNorm kernel before cubek's GEMMs.
+//! Per layer at decode sizes (≤ 8 rows, five or six launches): Q/K/V GEMV (one fused weight)
+//! with the RMSNorm folded in (+bias) → [Q/K RMSNorm] → paged attention with RoPE and the KV
+//! write folded in (reading the fused rows; + its merge at longer contexts) → O GEMV adding
+//! into the residual stream → gate-up GEMV with the RMSNorm folded in and SiLU·mul → down GEMV
+//! adding into the residual stream. Steps with prompt chunks run RoPE + KV write as a kernel
+//! of its own. Larger batches run a fused add+RMSNorm kernel before cubek's GEMMs.
 //! Attention: one-token chunks (decode) run the split-K paged decode kernel, longer chunks
 //! (prefill, chunked prefill) the tiled causal kernel on tensor cores; logits are computed for
 //! the sampled rows only.
@@ -495,29 +496,33 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
                 rms_norm::launch::<R, F>(cl, &q, None, qn, &q, t * heads, hd, eps);
                 rms_norm::launch::<R, F>(cl, &k, None, kn, &k, t * kvh, hd, eps);
             }
-            let q_rot = cl.empty(t * heads * hd * es);
-            let step = rope_kv_write::Step {
-                q: &q,
-                k: &k,
-                v: &v,
-                q_stride,
-                kv_stride,
-                positions: &positions,
-                slots: &slots,
-                tokens: t,
-                q_out: &q_rot,
-            };
-            rope_kv_write::launch::<R, F>(
-                cl,
-                step,
-                &self.k_cache[i],
-                &self.v_cache[i],
-                &self.cos,
-                &self.sin,
-                heads,
-                kvh,
-                hd,
-            );
+            // Decode-only steps fold RoPE and the KV write into the attention kernel; steps
+            // with prompt chunks rotate Q and write K/V for every token first.
+            let q_rot = prefill.is_some().then(|| cl.empty(t * heads * hd * es));
+            if let Some(q_rot) = &q_rot {
+                let step = rope_kv_write::Step {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    q_stride,
+                    kv_stride,
+                    positions: &positions,
+                    slots: &slots,
+                    tokens: t,
+                    q_out: q_rot,
+                };
+                rope_kv_write::launch::<R, F>(
+                    cl,
+                    step,
+                    &self.k_cache[i],
+                    &self.v_cache[i],
+                    &self.cos,
+                    &self.sin,
+                    heads,
+                    kvh,
+                    hd,
+                );
+            }
             let attn = cl.empty(t * heads * hd * es);
             if let Some((ws, [rows, tables, ctx])) = &decode {
                 let queries = decode_attention::Queries {
@@ -526,12 +531,24 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
                     block_tables: tables,
                     context_lens: ctx,
                 };
+                let query = match &q_rot {
+                    Some(q_rot) => decode_attention::Query::Rotated(q_rot),
+                    None => decode_attention::Query::Fresh(decode_attention::Fresh {
+                        q: &q,
+                        k: &k,
+                        v: &v,
+                        q_stride,
+                        kv_stride,
+                        cos: &self.cos,
+                        sin: &self.sin,
+                    }),
+                };
                 let (kc, vc) = (&self.k_cache[i], &self.v_cache[i]);
                 decode_attention::launch::<R, F>(
                     cl,
                     decode_shape,
                     queries,
-                    &q_rot,
+                    query,
                     kc,
                     vc,
                     &attn,
@@ -539,14 +556,14 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
                     scale,
                 );
             }
-            if let Some((plan, tables)) = &prefill {
+            if let (Some((plan, tables)), Some(q_rot)) = (&prefill, &q_rot) {
                 prefill_attention::launch::<R, F>(
                     cl,
                     prefill_shape,
                     self.prefill_tiling,
                     plan,
                     tile_plan.len() / 4,
-                    &q_rot,
+                    q_rot,
                     &self.k_cache[i],
                     &self.v_cache[i],
                     tables,
