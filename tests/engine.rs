@@ -118,9 +118,8 @@ fn same_seed_same_output() {
     assert_ne!(run(11), run(12));
 }
 
-/// Greedy steps are queued ahead with device-chosen tokens; steps with a sampled row run one at
-/// a time. Requests of both kinds sharing batches (the engine switching between the two every
-/// few steps as they start and end) give what each gives alone.
+/// Greedy and sampled requests share batches (the engine switching between argmax and per-row
+/// draws every few steps as they start and end) and give what each gives alone.
 #[test]
 fn greedy_and_sampled_requests_share_batches() {
     let e = engine();

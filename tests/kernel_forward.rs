@@ -10,6 +10,7 @@ use kiln::models::llama_kernels::KernelLlama;
 use kiln::runner::batch::Batch;
 use kiln::runner::sampler::argmax;
 use kiln::runner::{Forward, Readback, StepOutput};
+use kiln_kernels::sample::{self, Settings};
 
 fn load(name: &str) -> KernelLlama<WgpuRuntime, f32> {
     let files = open_model(&common::fixture(&format!("tiny/{name}"))).unwrap();
@@ -57,6 +58,48 @@ fn deferred_greedy_tokens_match_host_argmax() {
     match device.collect().unwrap() {
         StepOutput::Tokens(t) => assert_eq!(t, vec![token]),
         other => panic!("greedy step brought back {other:?}"),
+    }
+    match device.collect().unwrap() {
+        StepOutput::Logits(l) => assert!(common::rel_err(&l, &expected) < 1e-6),
+        other => panic!("logits step brought back {other:?}"),
+    }
+}
+
+/// Sampled steps draw on the device: the same token as the reference draw over the same
+/// logits, and it feeds the next step as a deferred input as greedy tokens do.
+#[test]
+fn sampled_tokens_are_drawn_on_the_device() {
+    let (table, block) = (&common::TINY_BLOCK_TABLE, common::TINY_BLOCK);
+    let prompt: Vec<u32> = (0..9).map(|i| 5 + 11 * i).collect();
+    let settings = Settings {
+        inv_temperature: 1.0 / 0.7,
+        top_k: 40,
+        top_p: 0.9,
+        min_p: 0.01,
+        uniform: 0.63,
+    };
+    let mut prefill = Batch::default();
+    prefill.push_seq(&prompt, prompt.len(), table, block, true);
+    let decode = |token: u32| {
+        let mut b = Batch::default();
+        b.push_seq(&[token], prompt.len() + 1, table, block, true);
+        b
+    };
+
+    let mut host = load("llama");
+    let logits = host.forward(&prefill).unwrap();
+    let token = sample::reference(&logits, &[settings])[0];
+    let expected = host.forward(&decode(token)).unwrap();
+
+    let mut device = load("llama");
+    prefill.sampling = vec![settings];
+    device.submit(&prefill, Readback::Sampled).unwrap();
+    let mut next = decode(u32::MAX);
+    next.defer_last(0);
+    device.submit(&next, Readback::Logits).unwrap();
+    match device.collect().unwrap() {
+        StepOutput::Tokens(t) => assert_eq!(t, vec![token]),
+        other => panic!("sampled step brought back {other:?}"),
     }
     match device.collect().unwrap() {
         StepOutput::Logits(l) => assert!(common::rel_err(&l, &expected) < 1e-6),

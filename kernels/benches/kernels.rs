@@ -14,7 +14,7 @@ use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::Handle;
 use kiln_kernels::{
     argmax, embedding, gemv, matmul, paged_decode_attention as pda, prefill_attention as pfa,
-    rms_norm, rope_kv_write, silu_mul,
+    rms_norm, rope_kv_write, sample, silu_mul,
 };
 use rand::{Rng, SeedableRng};
 
@@ -615,6 +615,45 @@ fn bench_rms_norm(b: &mut Bench) {
     }
 }
 
+/// Sampling on the device (temperature 0.8, top-k 50, top-p 0.95, min-p 0.02, a fresh draw
+/// per row) over Llama-3's vocabulary: checked against the reference draw, timed.
+fn bench_sample(b: &mut Bench) {
+    let vocab = if b.quick { 5000 } else { 128256 };
+    for rows in [1usize, 64] {
+        // Spread like logits (a power-of-two scale keeps the bf16 values exact).
+        let logits: Vec<f32> = b.random(rows * vocab).iter().map(|x| x * 8.0).collect();
+        let settings: Vec<sample::Settings> = (0..rows)
+            .map(|_| sample::Settings {
+                inv_temperature: 1.0 / 0.8,
+                top_k: 50,
+                top_p: 0.95,
+                min_p: 0.02,
+                uniform: b.rng.random_range(0.0..1.0),
+            })
+            .collect();
+        let lh = b.upload(&logits);
+        let out = b
+            .client
+            .create_from_slice(u32::as_bytes(&vec![u32::MAX; rows]));
+        let run = |b: &Bench| sample::launch::<R, bf16>(&b.client, &lh, &settings, &out, vocab);
+        run(b);
+        let got = u32::from_bytes(&b.client.read_one_unchecked(out.clone())).to_vec();
+        assert_eq!(
+            got,
+            sample::reference(&logits, &settings),
+            "sample: rows {rows}"
+        );
+        let secs = b.time(20, |_| run(b));
+        b.record(
+            "sample",
+            format!("rows={rows} vocab={vocab}"),
+            secs,
+            (rows * vocab * 2) as f64,
+            0.0,
+        );
+    }
+}
+
 /// RoPE + KV write, embedding gather and argmax at decode-step sizes (Llama-3.1-8B shapes).
 fn bench_step_kernels(b: &mut Bench) {
     let (tokens, heads, kvh, hd) = (if b.quick { 5 } else { 64 }, 32usize, 8usize, 128usize);
@@ -854,10 +893,11 @@ fn main() {
     // $KILN_BENCH_ONLY (comma-separated names) runs a subset.
     let only = std::env::var("KILN_BENCH_ONLY").ok();
     type BenchFn = fn(&mut Bench);
-    let benches: [(&str, BenchFn); 12] = [
+    let benches: [(&str, BenchFn); 13] = [
         ("rms_norm", bench_rms_norm),
         ("silu_mul", bench_silu_mul),
         ("step_kernels", bench_step_kernels),
+        ("sample", bench_sample),
         ("matmul", bench_matmul),
         ("gemv", bench_gemv),
         ("gemv_swiglu", bench_gemv_swiglu),

@@ -12,6 +12,7 @@ pub mod prefill_attention;
 pub mod reduce;
 pub mod rms_norm;
 pub mod rope_kv_write;
+pub mod sample;
 pub mod silu_mul;
 pub mod vector;
 

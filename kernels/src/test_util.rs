@@ -69,3 +69,7 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }
+
+pub fn read_u32(c: &ComputeClient<TestRuntime>, h: Handle) -> Vec<u32> {
+    u32::from_bytes(&c.read_one_unchecked(h)).to_vec()
+}

@@ -11,6 +11,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
+use kiln_kernels::sample::Settings;
+
 use super::request::{Chunk, FinishReason, Logprobs, SamplingParams};
 use super::stream::StreamSender;
 use crate::error::{Error, Result};
@@ -150,7 +152,7 @@ impl Worker {
         if self
             .in_flight
             .as_ref()
-            .is_some_and(|f| f.readback == Readback::Logits)
+            .is_some_and(|f| !f.readback.picks_tokens())
         {
             self.collect();
         }
@@ -164,17 +166,31 @@ impl Worker {
         }
     }
 
-    /// Queues a step on the device: greedy readback when every sampled row is greedy.
-    fn submit(&mut self, step: Step) -> Option<InFlight> {
-        let greedy = step
-            .sampled
-            .iter()
-            .all(|id| self.active.get(id).is_some_and(|a| a.sampler.is_greedy()));
-        let readback = if greedy {
+    /// Queues a step on the device: the device picks the tokens (argmax when every row is
+    /// greedy, else a draw with each row's settings) unless a row needs its logits on the host.
+    fn submit(&mut self, mut step: Step) -> Option<InFlight> {
+        let all = |test: fn(&Sampler) -> bool| {
+            step.sampled
+                .iter()
+                .all(|id| self.active.get(id).is_some_and(|a| test(&a.sampler)))
+        };
+        let readback = if all(Sampler::is_greedy) {
             Readback::Greedy
+        } else if all(Sampler::samples_on_device) {
+            Readback::Sampled
         } else {
             Readback::Logits
         };
+        if readback == Readback::Sampled {
+            step.batch.sampling = step
+                .sampled
+                .iter()
+                .map(|id| match self.active.get_mut(id) {
+                    Some(a) => a.sampler.device_settings(),
+                    None => Settings::GREEDY,
+                })
+                .collect();
+        }
         let runner = &mut self.runner;
         let outcome = catch_unwind(AssertUnwindSafe(|| runner.submit(&step.batch, readback)))
             .unwrap_or_else(|panic| Err(Error::Device(panic_message(panic))));

@@ -23,7 +23,7 @@ use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::{Handle, ServerError};
 use kiln_kernels::{
     argmax, deferred_tokens, embedding, gemv, matmul, paged_decode_attention as decode_attention,
-    prefill_attention, rms_norm, rope_kv_write, silu_mul,
+    prefill_attention, rms_norm, rope_kv_write, sample, silu_mul,
 };
 
 use super::config::Config;
@@ -605,9 +605,18 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
         let logits = self.project(&picked, &self.lm_head, n)?;
         let out = match readback {
             Readback::Logits => logits,
-            Readback::Greedy => {
+            Readback::Greedy | Readback::Sampled => {
                 let tokens = cl.empty(n * size_of::<u32>());
-                argmax::launch::<R, F>(cl, &logits, &tokens, n, c.vocab_size);
+                if readback == Readback::Greedy {
+                    argmax::launch::<R, F>(cl, &logits, &tokens, n, c.vocab_size);
+                } else if batch.sampling.len() == n {
+                    sample::launch::<R, F>(cl, &logits, &batch.sampling, &tokens, c.vocab_size);
+                } else {
+                    return Err(Error::Device(format!(
+                        "{} sampling settings for {n} rows",
+                        batch.sampling.len()
+                    )));
+                }
                 self.last_tokens = Some(tokens.clone());
                 tokens
             }
@@ -628,7 +637,7 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
             .ok_or_else(|| Error::Device("collect without a submitted step".into()))?;
         let Some(read) = p.read else {
             return Ok(match p.readback {
-                Readback::Greedy => StepOutput::Tokens(Vec::new()),
+                Readback::Greedy | Readback::Sampled => StepOutput::Tokens(Vec::new()),
                 Readback::Logits => StepOutput::Logits(Vec::new()),
             });
         };
@@ -636,7 +645,9 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
             .map_err(|e| Error::Device(format!("reading the step's rows: {e:?}")))?;
         let bytes: &[u8] = parts.first().map_or(&[], |b| b);
         Ok(match p.readback {
-            Readback::Greedy => StepOutput::Tokens(u32::from_bytes(bytes).to_vec()),
+            Readback::Greedy | Readback::Sampled => {
+                StepOutput::Tokens(u32::from_bytes(bytes).to_vec())
+            }
             Readback::Logits => {
                 let mut out: Vec<f32> = F::from_bytes(bytes)
                     .iter()

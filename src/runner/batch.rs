@@ -1,5 +1,7 @@
 //! The flat batch: the only thing the scheduler hands the model runner each step.
 
+use kiln_kernels::sample::Settings;
+
 /// One sequence's share of a step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SeqChunk {
@@ -33,6 +35,8 @@ pub struct Batch {
     pub logit_indices: Vec<usize>,
     /// Tokens of `token_ids` (placeholders there) that the previous step chose on the device.
     pub deferred: Vec<DeferredToken>,
+    /// Per logits row, how the device draws its token (`Readback::Sampled` steps only).
+    pub sampling: Vec<Settings>,
 }
 
 impl Batch {

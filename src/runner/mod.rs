@@ -15,6 +15,9 @@ pub enum Readback {
     /// Each row's greedy token, chosen on the device: one u32 a row crosses to the host, and
     /// the next step may take these tokens as inputs before they have (`Batch::deferred`).
     Greedy,
+    /// Each row's token drawn on the device with its `Batch::sampling` settings (temperature,
+    /// top-k, top-p, min-p): crosses and feeds the next step as `Greedy`'s tokens do.
+    Sampled,
 }
 
 /// A collected step's rows: logits (`rows × vocab`) or greedy tokens.
@@ -22,6 +25,13 @@ pub enum Readback {
 pub enum StepOutput {
     Logits(Vec<f32>),
     Tokens(Vec<u32>),
+}
+
+impl Readback {
+    /// Whether the step's tokens are chosen on the device.
+    pub fn picks_tokens(self) -> bool {
+        self != Readback::Logits
+    }
 }
 
 /// A model on a device that runs flat batches: the engine thread's only view of it.

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 
 use burn::tensor::{backend::Backend, DType};
+use kiln_kernels::sample;
 
 use super::batch::Batch;
 use super::sampler::argmax;
@@ -79,9 +80,13 @@ impl<B: Backend> Forward for ModelRunner<B> {
             .map_err(|e| Error::Device(format!("reading logits: {e:?}")))?;
         let out = match readback {
             Readback::Logits => StepOutput::Logits(logits),
-            Readback::Greedy => {
+            Readback::Greedy | Readback::Sampled => {
                 let vocab = self.vocab_size();
-                let tokens: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
+                let tokens: Vec<u32> = if readback == Readback::Greedy {
+                    logits.chunks_exact(vocab).map(argmax).collect()
+                } else {
+                    sample::reference(&logits, &batch.sampling)
+                };
                 // A step without rows leaves the last picks in place, as the device runner does.
                 if !tokens.is_empty() {
                     self.last_tokens = tokens.clone();

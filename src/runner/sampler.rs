@@ -6,6 +6,8 @@ use std::collections::{HashMap, HashSet};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use kiln_kernels::sample::Settings;
+
 use crate::engine::request::{Logprobs, SamplingParams, TokenLogprob};
 
 /// A sequence's sampling state: its parameters, its random stream and the tokens it has seen.
@@ -35,12 +37,33 @@ impl Sampler {
     /// Whether the next token is the plain argmax of the logits (no temperature, penalties or
     /// log-probabilities), which the device can choose without the logits reaching the host.
     pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0 && self.samples_on_device()
+    }
+
+    /// Whether the device can draw the next token (no penalties or log-probabilities, which
+    /// need the logits on the host).
+    pub fn samples_on_device(&self) -> bool {
         let p = &self.params;
-        p.temperature == 0.0
-            && p.logprobs.is_none()
+        p.logprobs.is_none()
             && p.repetition_penalty == 1.0
             && p.presence_penalty == 0.0
             && p.frequency_penalty == 0.0
+    }
+
+    /// The next draw's settings for the device: its uniform number comes from this sequence's
+    /// stream, one per token, as a host draw takes it.
+    pub fn device_settings(&mut self) -> Settings {
+        let p = &self.params;
+        if p.temperature == 0.0 {
+            return Settings::GREEDY;
+        }
+        Settings {
+            inv_temperature: 1.0 / p.temperature,
+            top_k: u32::try_from(p.top_k).unwrap_or(u32::MAX),
+            top_p: p.top_p,
+            min_p: p.min_p,
+            uniform: self.rng.random::<f32>(),
+        }
     }
 
     /// Records a token chosen elsewhere (on the device) as this sequence's next.
@@ -184,6 +207,34 @@ mod tests {
             seed: Some(1),
             ..SamplingParams::default()
         }
+    }
+
+    #[test]
+    fn device_settings_carry_the_params_and_a_seeded_draw() {
+        let p = SamplingParams {
+            temperature: 0.5,
+            top_k: 7,
+            top_p: 0.9,
+            min_p: 0.1,
+            ..params()
+        };
+        let (mut a, mut b) = (Sampler::new(p.clone(), &[]), Sampler::new(p, &[]));
+        assert!(a.samples_on_device() && !a.is_greedy());
+        let s = a.device_settings();
+        assert_eq!(
+            (s.inv_temperature, s.top_k, s.top_p, s.min_p),
+            (2.0, 7, 0.9, 0.1)
+        );
+        assert!((0.0..1.0).contains(&s.uniform));
+        assert_eq!(b.device_settings(), s, "same seed, same draw");
+        assert_ne!(a.device_settings().uniform, s.uniform, "one draw per token");
+        let greedy = Sampler::new(SamplingParams::greedy(), &[]).device_settings();
+        assert_eq!(greedy, Settings::GREEDY);
+        let penalized = SamplingParams {
+            repetition_penalty: 1.2,
+            ..params()
+        };
+        assert!(!Sampler::new(penalized, &[]).samples_on_device());
     }
 
     #[test]
