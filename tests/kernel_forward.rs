@@ -31,11 +31,15 @@ fn check(name: &str) {
     common::check_tiny_logits(name, |batch| model.forward(batch).unwrap());
 }
 
-/// The engine's overlapped decode: a greedy step's token is chosen on the device and the next
-/// step, queued before it is collected, takes it as a deferred input. Same tokens and logits as
-/// choosing on the host and feeding the token back.
-#[test]
-fn deferred_greedy_tokens_match_host_argmax() {
+/// The engine's overlapped decode: a step's token is picked on the device (`readback`, with
+/// `sampling` for its row) and the next step, queued before it is collected, takes it as a
+/// deferred input. Same token and logits as picking on the host (`pick` over the logits) and
+/// feeding the token back.
+fn device_pick_feeds_the_next_step(
+    readback: Readback,
+    sampling: Vec<Settings>,
+    pick: impl Fn(&[f32]) -> u32,
+) {
     let (table, block) = (&common::TINY_BLOCK_TABLE, common::TINY_BLOCK);
     let prompt: Vec<u32> = (0..9).map(|i| 3 + 7 * i).collect();
     let mut prefill = Batch::default();
@@ -47,17 +51,18 @@ fn deferred_greedy_tokens_match_host_argmax() {
     };
 
     let mut host = load("llama");
-    let token = argmax(&host.forward(&prefill).unwrap());
+    let token = pick(&host.forward(&prefill).unwrap());
     let expected = host.forward(&decode(token)).unwrap();
 
     let mut device = load("llama");
-    device.submit(&prefill, Readback::Greedy).unwrap();
+    prefill.sampling = sampling;
+    device.submit(&prefill, readback).unwrap();
     let mut next = decode(u32::MAX);
     next.defer_last(0);
     device.submit(&next, Readback::Logits).unwrap();
     match device.collect().unwrap() {
         StepOutput::Tokens(t) => assert_eq!(t, vec![token]),
-        other => panic!("greedy step brought back {other:?}"),
+        other => panic!("{readback:?} step brought back {other:?}"),
     }
     match device.collect().unwrap() {
         StepOutput::Logits(l) => assert!(common::rel_err(&l, &expected) < 1e-6),
@@ -65,12 +70,14 @@ fn deferred_greedy_tokens_match_host_argmax() {
     }
 }
 
-/// Sampled steps draw on the device: the same token as the reference draw over the same
-/// logits, and it feeds the next step as a deferred input as greedy tokens do.
+#[test]
+fn deferred_greedy_tokens_match_host_argmax() {
+    device_pick_feeds_the_next_step(Readback::Greedy, Vec::new(), argmax);
+}
+
+/// Sampled steps draw on the device: the reference draw's token over the same logits.
 #[test]
 fn sampled_tokens_are_drawn_on_the_device() {
-    let (table, block) = (&common::TINY_BLOCK_TABLE, common::TINY_BLOCK);
-    let prompt: Vec<u32> = (0..9).map(|i| 5 + 11 * i).collect();
     let settings = Settings {
         inv_temperature: 1.0 / 0.7,
         top_k: 40,
@@ -78,33 +85,9 @@ fn sampled_tokens_are_drawn_on_the_device() {
         min_p: 0.01,
         uniform: 0.63,
     };
-    let mut prefill = Batch::default();
-    prefill.push_seq(&prompt, prompt.len(), table, block, true);
-    let decode = |token: u32| {
-        let mut b = Batch::default();
-        b.push_seq(&[token], prompt.len() + 1, table, block, true);
-        b
-    };
-
-    let mut host = load("llama");
-    let logits = host.forward(&prefill).unwrap();
-    let token = sample::reference(&logits, &[settings])[0];
-    let expected = host.forward(&decode(token)).unwrap();
-
-    let mut device = load("llama");
-    prefill.sampling = vec![settings];
-    device.submit(&prefill, Readback::Sampled).unwrap();
-    let mut next = decode(u32::MAX);
-    next.defer_last(0);
-    device.submit(&next, Readback::Logits).unwrap();
-    match device.collect().unwrap() {
-        StepOutput::Tokens(t) => assert_eq!(t, vec![token]),
-        other => panic!("sampled step brought back {other:?}"),
-    }
-    match device.collect().unwrap() {
-        StepOutput::Logits(l) => assert!(common::rel_err(&l, &expected) < 1e-6),
-        other => panic!("logits step brought back {other:?}"),
-    }
+    device_pick_feeds_the_next_step(Readback::Sampled, vec![settings], |logits| {
+        sample::reference(logits, &[settings])[0]
+    });
 }
 
 #[test]

@@ -76,6 +76,29 @@ fn cube_sum(v: f32, scratch: &mut SharedMemory<f32>) -> f32 {
     total
 }
 
+/// The unnormalized probability of the row's tokens with key ≥ `floor` (every unit gets it).
+#[cube]
+fn kept_mass<F: Float>(
+    logits: &Array<F>,
+    base: usize,
+    vocab: usize,
+    max: f32,
+    inv_t: f32,
+    floor: u32,
+    scratch: &mut SharedMemory<f32>,
+) -> f32 {
+    let mut kept = f32::new(0.0);
+    let mut i = UNIT_POS as usize;
+    while i < vocab {
+        let z = f32::cast_from(logits[base + i]);
+        if key_of(z) >= floor {
+            kept += f32::exp((z - max) * inv_t);
+        }
+        i += CUBE_DIM as usize;
+    }
+    cube_sum(kept, scratch)
+}
+
 /// Sum of `v` over the cube, through `scratch` (every unit gets it; exact below 2²⁴).
 #[cube]
 fn cube_count(v: u32, scratch: &mut SharedMemory<f32>) -> u32 {
@@ -234,16 +257,7 @@ fn sample_kernel<F: Float>(
         );
     }
     if top_p < 1.0 {
-        let mut kept = f32::new(0.0);
-        let mut i = UNIT_POS as usize;
-        while i < vocab {
-            let z = f32::cast_from(logits[base + i]);
-            if key_of(z) >= floor {
-                kept += f32::exp((z - max) * inv_t);
-            }
-            i += CUBE_DIM as usize;
-        }
-        let kept = cube_sum(kept, &mut scratch);
+        let kept = kept_mass::<F>(logits, base, vocab, max, inv_t, floor, &mut scratch);
         let t = threshold::<F>(
             logits,
             base,
@@ -267,16 +281,7 @@ fn sample_kernel<F: Float>(
     // tokens' intervals sit first, so tiny changes in the logits rarely move a draw): the
     // kept key where the running mass from the top passes uniform · total, found by the same
     // search, then its first token.
-    let mut kept = f32::new(0.0);
-    let mut i = UNIT_POS as usize;
-    while i < vocab {
-        let z = f32::cast_from(logits[base + i]);
-        if key_of(z) >= floor {
-            kept += f32::exp((z - max) * inv_t);
-        }
-        i += CUBE_DIM as usize;
-    }
-    let kept = cube_sum(kept, &mut scratch);
+    let kept = kept_mass::<F>(logits, base, vocab, max, inv_t, floor, &mut scratch);
     let drawn = threshold::<F>(
         logits,
         base,
