@@ -389,14 +389,19 @@ fn bench_decode_attention_fresh(b: &mut Bench) {
 /// (the default picks the shortest split that yields enough cubes).
 fn sweep_decode_attention(b: &mut Bench) {
     let short = [
-        (32, 128),
-        (32, 256),
-        (64, 128),
-        (64, 256),
-        (128, 512),
-        (256, 512),
+        (64, 256, 4),
+        (1024, 1024, 4),
+        (1024, 1024, 2),
+        (512, 1024, 4),
+        (512, 1024, 2),
+        (640, 1024, 4),
     ];
-    let long = [(128, 512), (256, 512), (512, 512), (1024, 512)];
+    let long = [
+        (256, 256, 1),
+        (512, 512, 1),
+        (1024, 512, 1),
+        (1024, 1024, 2),
+    ];
     for ctx in [516, 2048, 8192, 32768] {
         let configs = if ctx <= 2048 { &short[..] } else { &long[..] };
         let configs: Vec<_> = configs.iter().map(|&c| Some(c)).collect();
@@ -405,13 +410,13 @@ fn sweep_decode_attention(b: &mut Bench) {
 }
 
 /// `tokens` decode queries of about `ctx` keys each (Llama-3.1-8B heads), each over a shuffled
-/// set of blocks: checked, then timed once per (keys per split, units per cube) (`None`: the
-/// default).
+/// set of blocks: checked, then timed once per (keys per split, units per cube, units per key)
+/// (`None`: the default).
 fn decode_attention_case(
     b: &mut Bench,
     tokens: usize,
     ctx: usize,
-    splits: &[Option<(usize, usize)>],
+    splits: &[Option<(usize, usize, usize)>],
 ) {
     let (kv_heads, group, head_dim, block_size) = (8usize, 4usize, 128usize, 16usize);
     let heads = kv_heads * group;
@@ -450,8 +455,9 @@ fn decode_attention_case(
         .then(|| pda::reference(shape, &q, &k, &v, &ids, &ctxs, scale));
     for &split in splits {
         let ws = match split {
-            Some((keys, threads)) => pda::Workspace {
+            Some((keys, threads, lanes)) => pda::Workspace {
                 threads,
+                lanes,
                 ..pda::Workspace::with_split_keys(&b.client, tokens, heads, head_dim, ctx, keys)
             },
             None => pda::Workspace::new(&b.client, tokens, kv_heads, heads, head_dim, ctx),
@@ -477,9 +483,9 @@ fn decode_attention_case(
         let keys: usize = ctxs.iter().map(|&c| c as usize).sum();
         let bytes = (keys * kv_heads * head_dim * 2 * 2) as f64;
         let (name, desc) = match split {
-            Some((keys, threads)) => (
+            Some((keys, threads, lanes)) => (
                 "decode attn (split)",
-                format!("split={keys} units={threads} tok=1 ctx={ctx}"),
+                format!("split={keys} units={threads}x{lanes} tok=1 ctx={ctx}"),
             ),
             None => (
                 "paged_decode_attention",

@@ -462,6 +462,8 @@ pub struct Workspace {
     pub split_keys: usize,
     /// Units per cube of the split kernel.
     pub threads: usize,
+    /// Units per key in the scores phase (capped by the plane and a head's vectors).
+    pub lanes: usize,
 }
 
 impl Workspace {
@@ -498,6 +500,7 @@ impl Workspace {
             max_splits,
             split_keys,
             threads: split_threads(split_keys),
+            lanes: (split_threads(split_keys) / split_keys).max(1),
         }
     }
 }
@@ -574,7 +577,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     let out_len = len(out, size_of::<F>());
     // Lanes per key: what the cube's units allow, within a plane and a head's vectors.
     let plane = client.properties().hardware.plane_size_min as usize;
-    let lanes = (ws.threads / ws.split_keys).clamp(1, (head_dim / v).min(plane));
+    let lanes = ws.lanes.clamp(1, (head_dim / v).min(plane));
     // Without fresh tokens the K/V and table arguments are unread: any valid buffer will do.
     let (q, k_new, v_new, cos, sin, q_stride, kv_stride, fresh) = match query {
         Query::Rotated(q) => (q, q, q, rows, rows, heads * head_dim, 0, false),
