@@ -82,10 +82,16 @@ impl<B: Backend> Forward for ModelRunner<B> {
             Readback::Logits => StepOutput::Logits(logits),
             Readback::Greedy | Readback::Sampled => {
                 let vocab = self.vocab_size();
+                let rows = logits.len() / vocab;
                 let tokens: Vec<u32> = if readback == Readback::Greedy {
                     logits.chunks_exact(vocab).map(argmax).collect()
-                } else {
+                } else if batch.sampling.len() == rows {
                     sample::reference(&logits, &batch.sampling)
+                } else {
+                    return Err(Error::Device(format!(
+                        "{} sampling settings for {rows} rows",
+                        batch.sampling.len()
+                    )));
                 };
                 // A step without rows leaves the last picks in place, as the device runner does.
                 if !tokens.is_empty() {
