@@ -308,7 +308,6 @@ fn bench_decode_attention_fresh(b: &mut Bench) {
         let mut v_cache = b.random(num_blocks * block_size * kv_width);
         let (kh, vh) = (b.upload(&k_cache), b.upload(&v_cache));
         let all = b.upload(&projected);
-        let es = size_of::<bf16>() as u64;
         let f32s = |v: &[f32]| b.client.create_from_slice(f32::as_bytes(v));
         let u32s = |v: &[u32]| b.client.create_from_slice(u32::as_bytes(v));
         let (cos_h, sin_h) = (f32s(&cos), f32s(&sin));
@@ -327,16 +326,10 @@ fn bench_decode_attention_fresh(b: &mut Bench) {
             block_size,
             max_blocks,
         };
-        let (k_new, v_new) = (
-            all.clone().offset_start(q_width as u64 * es),
-            all.clone().offset_start((q_width + kv_width) as u64 * es),
-        );
+        let projections =
+            rope_kv_write::Projections::fused(&all, q_width, kv_width, size_of::<bf16>());
         let query = pda::Query::Fresh(pda::Fresh {
-            q: &all,
-            k: &k_new,
-            v: &v_new,
-            q_stride: width,
-            kv_stride: width,
+            projections: &projections,
             cos: &cos_h,
             sin: &sin_h,
         });
@@ -687,6 +680,7 @@ fn bench_step_kernels(b: &mut Bench) {
     );
     let (mut kc, mut vc) = (b.random(slots_total * width), b.random(slots_total * width));
     let (qh, kh, vh) = (b.upload(&q), b.upload(&k), b.upload(&v));
+    let projections = rope_kv_write::Projections::separate(qh, kh, vh, heads * hd, width);
     let (kch, vch) = (b.upload(&kc), b.upload(&vc));
     let u32s = |v: &[u32]| b.client.create_from_slice(u32::as_bytes(v));
     let (ph, slh) = (u32s(&positions), u32s(&slots));
@@ -697,11 +691,7 @@ fn bench_step_kernels(b: &mut Bench) {
     let q_out = b.poisoned(q.len());
     let launch = || {
         let step = rope_kv_write::Step {
-            q: &qh,
-            k: &kh,
-            v: &vh,
-            q_stride: heads * hd,
-            kv_stride: width,
+            projections: &projections,
             positions: &ph,
             slots: &slh,
             tokens,

@@ -18,6 +18,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use crate::rope_kv_write::Projections;
 use crate::vector::vector_size;
 
 /// Keys one split covers at most (its scores live in shared memory: group × split f32).
@@ -525,17 +526,12 @@ pub enum Query<'a> {
     Fresh(Fresh<'a>),
 }
 
-/// Each query's token as projected: its Q row at `row · q_stride` of `q`, its K and V rows
-/// at `row · kv_stride` of `k` and `v` (elements; they may be views into one fused
-/// projection), and the f32 RoPE tables `[max_pos, head_dim / 2]`. The token's position is
-/// its context length − 1, its slot the block table's for that position.
+/// The step's projections (query i's token at row `rows[i]`) and the f32 RoPE tables
+/// `[max_pos, head_dim / 2]`. The token's position is its context length − 1, its slot the
+/// block table's for that position.
 #[derive(Clone, Copy)]
 pub struct Fresh<'a> {
-    pub q: &'a Handle,
-    pub k: &'a Handle,
-    pub v: &'a Handle,
-    pub q_stride: usize,
-    pub kv_stride: usize,
+    pub projections: &'a Projections,
     pub cos: &'a Handle,
     pub sin: &'a Handle,
 }
@@ -581,7 +577,19 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     // Without fresh tokens the K/V and table arguments are unread: any valid buffer will do.
     let (q, k_new, v_new, cos, sin, q_stride, kv_stride, fresh) = match query {
         Query::Rotated(q) => (q, q, q, rows, rows, heads * head_dim, 0, false),
-        Query::Fresh(f) => (f.q, f.k, f.v, f.cos, f.sin, f.q_stride, f.kv_stride, true),
+        Query::Fresh(f) => {
+            let p = f.projections;
+            (
+                &p.q,
+                &p.k,
+                &p.v,
+                f.cos,
+                f.sin,
+                p.q_stride,
+                p.kv_stride,
+                true,
+            )
+        }
     };
     // Every index stays in bounds (the tests poison outputs, compute-sanitizer checks the
     // rest), so the launches skip CubeCL's per-access bounds checks: at decode's sizes the
@@ -699,7 +707,7 @@ pub fn reference(
 mod tests {
     use super::*;
     use crate::rope_kv_write::{rope_reference, write_reference};
-    use crate::test_util::{client, fill, read, rel_err, upload, Elem};
+    use crate::test_util::{client, fill, fused_rows, read, rel_err, upload, Elem};
 
     /// Decode queries of contexts `ctxs`, each over a shuffled, disjoint set of the pool's
     /// blocks; query i at row `tokens - 1 - i` of the step. `fresh`: the step's tokens come as
@@ -767,28 +775,13 @@ mod tests {
         if fresh {
             let mut k_new = F::round_trip(&fill(tokens * kv_width, 14));
             let v_new = F::round_trip(&fill(tokens * kv_width, 15));
-            let width = q_width + 2 * kv_width;
-            let projected: Vec<f32> = (0..tokens)
-                .flat_map(|t| {
-                    let part = |x: &[f32], w: usize| x[t * w..][..w].to_vec();
-                    [
-                        part(&q, q_width),
-                        part(&k_new, kv_width),
-                        part(&v_new, kv_width),
-                    ]
-                    .concat()
-                })
-                .collect();
-            let all = upload::<F>(&c, &projected);
-            let es = size_of::<F>() as u64;
+            let parts = [(&q[..], q_width), (&k_new, kv_width), (&v_new, kv_width)];
+            let all = upload::<F>(&c, &fused_rows(&parts, tokens));
+            let projections = Projections::fused(&all, q_width, kv_width, size_of::<F>());
             let to = |v: &[f32]| c.create_from_slice(f32::as_bytes(v));
             let (cos_h, sin_h) = (to(&cos), to(&sin));
             let query = Query::Fresh(Fresh {
-                q: &all,
-                k: &all.clone().offset_start(q_width as u64 * es),
-                v: &all.clone().offset_start((q_width + kv_width) as u64 * es),
-                q_stride: width,
-                kv_stride: width,
+                projections: &projections,
                 cos: &cos_h,
                 sin: &sin_h,
             });

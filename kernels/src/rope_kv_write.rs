@@ -69,15 +69,48 @@ fn rope_kv_write_kernel<F: Float>(
     }
 }
 
-/// The step's tensors: Q and K/V of `tokens` tokens — token t's Q row at `t · q_stride`, its K
-/// and V rows at `t · kv_stride` (elements) — their positions and slots (u32), and where the
-/// rotated Q goes.
-pub struct Step<'a> {
-    pub q: &'a Handle,
-    pub k: &'a Handle,
-    pub v: &'a Handle,
+/// A step's Q/K/V projections: token t's Q row at `t · q_stride` of `q`, its K and V rows at
+/// `t · kv_stride` of `k` and `v` (elements).
+#[derive(Clone)]
+pub struct Projections {
+    pub q: Handle,
+    pub k: Handle,
+    pub v: Handle,
     pub q_stride: usize,
     pub kv_stride: usize,
+}
+
+impl Projections {
+    /// Views into one fused projection's rows `[tokens, q_width + 2 · kv_width]` (Q, K, V),
+    /// of `elem` bytes an element.
+    pub fn fused(rows: &Handle, q_width: usize, kv_width: usize, elem: usize) -> Self {
+        let at = |elems: usize| rows.clone().offset_start((elems * elem) as u64);
+        let width = q_width + 2 * kv_width;
+        Self {
+            q: rows.clone(),
+            k: at(q_width),
+            v: at(q_width + kv_width),
+            q_stride: width,
+            kv_stride: width,
+        }
+    }
+
+    /// Three contiguous projections `[tokens, q_width]`, `[tokens, kv_width]` × 2.
+    pub fn separate(q: Handle, k: Handle, v: Handle, q_width: usize, kv_width: usize) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            q_stride: q_width,
+            kv_stride: kv_width,
+        }
+    }
+}
+
+/// The step's tensors: Q and K/V of `tokens` tokens, their positions and slots (u32), and where
+/// the rotated Q goes.
+pub struct Step<'a> {
+    pub projections: &'a Projections,
     pub positions: &'a Handle,
     pub slots: &'a Handle,
     pub tokens: usize,
@@ -99,16 +132,20 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     head_dim: usize,
 ) {
     let Step {
-        q,
-        k,
-        v,
-        q_stride,
-        kv_stride,
+        projections,
         positions,
         slots,
         tokens,
         q_out,
     } = step;
+    let Projections {
+        q,
+        k,
+        v,
+        q_stride,
+        kv_stride,
+    } = projections;
+    let (q_stride, kv_stride) = (*q_stride, *kv_stride);
     let half = head_dim / 2;
     let units = tokens * (heads + 2 * kv_heads) * half;
     let table = cos.size() as usize / 4;
@@ -173,7 +210,7 @@ pub fn write_reference(src: &[f32], cache: &mut [f32], slots: &[u32], width: usi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{client, fill, read, rel_err, upload, Elem};
+    use crate::test_util::{client, fill, fused_rows, read, rel_err, upload, Elem};
 
     /// `fused`: Q, K and V as the three parts of one projection's rows.
     fn check<F: Elem>(
@@ -209,35 +246,19 @@ mod tests {
         let to = |v: &[f32]| c.create_from_slice(f32::as_bytes(v));
         let u32s = |v: &[u32]| c.create_from_slice(u32::as_bytes(v));
         let (positions_h, slots_h) = (u32s(&positions), u32s(&slots));
-        let (qh, kh, vh, q_stride, kv_stride);
-        if fused {
-            let row = q_width + 2 * width;
-            let rows: Vec<f32> = (0..tokens)
-                .flat_map(|t| {
-                    let part = |x: &[f32], w: usize| x[t * w..][..w].to_vec();
-                    [part(&q, q_width), part(&k, width), part(&v, width)].concat()
-                })
-                .collect();
-            let all = upload::<F>(&c, &rows);
-            let es = size_of::<F>() as u64;
-            kh = all.clone().offset_start(q_width as u64 * es);
-            vh = all.clone().offset_start((q_width + width) as u64 * es);
-            qh = all;
-            (q_stride, kv_stride) = (row, row);
+        let projections = if fused {
+            let rows = fused_rows(&[(&q, q_width), (&k, width), (&v, width)], tokens);
+            Projections::fused(&upload::<F>(&c, &rows), q_width, width, size_of::<F>())
         } else {
-            (qh, kh, vh) = (
+            let (qh, kh, vh) = (
                 upload::<F>(&c, &q),
                 upload::<F>(&c, &k),
                 upload::<F>(&c, &v),
             );
-            (q_stride, kv_stride) = (q_width, width);
-        }
+            Projections::separate(qh, kh, vh, q_width, width)
+        };
         let step = Step {
-            q: &qh,
-            k: &kh,
-            v: &vh,
-            q_stride,
-            kv_stride,
+            projections: &projections,
             positions: &positions_h,
             slots: &slots_h,
             tokens,

@@ -70,6 +70,14 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
+/// Rows of one fused projection: token t's row is each part's row t (`(values, width)`) in turn.
+pub fn fused_rows(parts: &[(&[f32], usize)], tokens: usize) -> Vec<f32> {
+    (0..tokens)
+        .flat_map(|t| parts.iter().flat_map(move |&(x, w)| &x[t * w..][..w]))
+        .copied()
+        .collect()
+}
+
 pub fn read_u32(c: &ComputeClient<TestRuntime>, h: Handle) -> Vec<u32> {
     u32::from_bytes(&c.read_one_unchecked(h)).to_vec()
 }

@@ -21,6 +21,7 @@ use kiln_kernels::cubecl::bytes::Bytes;
 use kiln_kernels::cubecl::future;
 use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::{Handle, ServerError};
+use kiln_kernels::rope_kv_write::Projections;
 use kiln_kernels::{
     argmax, deferred_tokens, embedding, gemv, matmul, paged_decode_attention as decode_attention,
     prefill_attention, rms_norm, rope_kv_write, sample, silu_mul,
@@ -480,32 +481,27 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
             // are views into it), except where per-head Q/K norms (Qwen3) need each part
             // contiguous across tokens.
             let fused = t == 1 || layer.q_norm.is_none();
-            let (q, k, v, q_stride, kv_stride) = if fused {
+            let (q_width, kv_width) = (layer.q.out, layer.k.out);
+            let projections = if fused {
                 let [qkv] =
                     exactly(self.normed_projections(&mut stream, &[&layer.qkv], t, false)?)?;
-                let (q_bytes, k_bytes) = ((layer.q.out * es) as u64, (layer.k.out * es) as u64);
-                let k = qkv.clone().offset_start(q_bytes);
-                let v = qkv.clone().offset_start(q_bytes + k_bytes);
-                (qkv, k, v, layer.qkv.out, layer.qkv.out)
+                Projections::fused(&qkv, q_width, kv_width, es)
             } else {
                 let projs = [&layer.q, &layer.k, &layer.v];
                 let [q, k, v] = exactly(self.normed_projections(&mut stream, &projs, t, false)?)?;
-                (q, k, v, layer.q.out, layer.k.out)
+                Projections::separate(q, k, v, q_width, kv_width)
             };
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                rms_norm::launch::<R, F>(cl, &q, None, qn, &q, t * heads, hd, eps);
-                rms_norm::launch::<R, F>(cl, &k, None, kn, &k, t * kvh, hd, eps);
+                let (q, k) = (&projections.q, &projections.k);
+                rms_norm::launch::<R, F>(cl, q, None, qn, q, t * heads, hd, eps);
+                rms_norm::launch::<R, F>(cl, k, None, kn, k, t * kvh, hd, eps);
             }
             // Decode-only steps fold RoPE and the KV write into the attention kernel; steps
             // with prompt chunks rotate Q and write K/V for every token first.
             let q_rot = prefill.is_some().then(|| cl.empty(t * heads * hd * es));
             if let Some(q_rot) = &q_rot {
                 let step = rope_kv_write::Step {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    q_stride,
-                    kv_stride,
+                    projections: &projections,
                     positions: &positions,
                     slots: &slots,
                     tokens: t,
@@ -534,11 +530,7 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
                 let query = match &q_rot {
                     Some(q_rot) => decode_attention::Query::Rotated(q_rot),
                     None => decode_attention::Query::Fresh(decode_attention::Fresh {
-                        q: &q,
-                        k: &k,
-                        v: &v,
-                        q_stride,
-                        kv_stride,
+                        projections: &projections,
                         cos: &self.cos,
                         sin: &self.sin,
                     }),
