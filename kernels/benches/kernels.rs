@@ -297,12 +297,7 @@ fn bench_decode_attention_fresh(b: &mut Bench) {
                 (ids[t * max_blocks + p / block_size] as usize * block_size + p % block_size) as u32
             })
             .collect();
-        let half = hd / 2;
-        let angles: Vec<f32> = (0..ctx * half)
-            .map(|j| (j / half) as f32 * 10000f32.powf(-((j % half) as f32) / half as f32))
-            .collect();
-        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
-        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let (cos, sin) = rope_kv_write::plain_tables(ctx, hd);
         let projected = b.random(tokens * width);
         let mut k_cache = b.random(num_blocks * block_size * kv_width);
         let mut v_cache = b.random(num_blocks * block_size * kv_width);

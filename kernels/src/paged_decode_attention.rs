@@ -706,7 +706,7 @@ pub fn reference(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rope_kv_write::{rope_reference, write_reference};
+    use crate::rope_kv_write::{plain_tables, rope_reference, write_reference};
     use crate::test_util::{client, fill, fused_rows, read, rel_err, upload, Elem};
 
     /// Decode queries of contexts `ctxs`, each over a shuffled, disjoint set of the pool's
@@ -766,12 +766,7 @@ mod tests {
             let block = block_tables[i * max_blocks + p / block_size] as usize;
             new_slots[r as usize] = (block * block_size + p % block_size) as u32;
         }
-        let half = head_dim / 2;
-        let angles: Vec<f32> = (0..max_ctx * half)
-            .map(|j| (j / half) as f32 * 10000f32.powf(-((j % half) as f32) / half as f32))
-            .collect();
-        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
-        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let (cos, sin) = plain_tables(max_ctx, head_dim);
         if fresh {
             let mut k_new = F::round_trip(&fill(tokens * kv_width, 14));
             let v_new = F::round_trip(&fill(tokens * kv_width, 15));

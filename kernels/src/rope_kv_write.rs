@@ -177,6 +177,19 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     );
 }
 
+/// Plain RoPE tables (base 10,000, no scaling) for references and tests: cos and sin
+/// `[max_pos, head_dim / 2]`, the layout [`launch`] reads.
+pub fn plain_tables(max_pos: usize, head_dim: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let angles: Vec<f32> = (0..max_pos * half)
+        .map(|j| (j / half) as f32 * 10000f32.powf(-((j % half) as f32) / half as f32))
+        .collect();
+    (
+        angles.iter().map(|a| a.cos()).collect(),
+        angles.iter().map(|a| a.sin()).collect(),
+    )
+}
+
 /// The plain reference of the rotation: rotates `x` (`[tokens, heads, head_dim]`) in place.
 pub fn rope_reference(
     x: &mut [f32],
@@ -222,13 +235,8 @@ mod tests {
         tol: f64,
     ) {
         let c = client();
-        let half = head_dim / 2;
         let (max_pos, slots_total) = (300, 2 * tokens + 5);
-        let angles: Vec<f32> = (0..max_pos * half)
-            .map(|j| (j / half) as f32 * 10000f32.powf(-((j % half) as f32) / half as f32))
-            .collect();
-        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
-        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let (cos, sin) = plain_tables(max_pos, head_dim);
         let positions: Vec<u32> = (0..tokens as u32)
             .map(|t| (t * 37) % max_pos as u32)
             .collect();
