@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root, with the stripped bench binary in .bin/:
 #   bash scripts/gpu-profile.sh [shape] [layers]
-# Times every kernel of one prefill and a few decode steps with Nsight Compute (kernel durations
-# only; clocks left alone), on a random-weight model of the shape cut to a few layers, and prints
+# Times every kernel of one served request (a prefill and a few decode steps) with Nsight
+# Compute (kernel durations only; clocks left alone), on a random-weight model of the shape cut to a few layers, and prints
 # the last decode step's kernels with their share of the step. Output: $OUT/ncu.csv.
 set -euo pipefail
 shape="${1:-llama-3.1-8b}"
@@ -10,14 +10,10 @@ layers="${2:-2}"
 out="${OUT:-/tmp}"
 python3 scripts/gpu_e2e.py "$shape" --no-check --layers "$layers"
 dir="/tmp/kiln-$shape-$layers"
-python3 - "$dir" > /tmp/profile-cases.json <<'PY'
-import json, sys
-vocab = json.load(open(sys.argv[1] + "/config.json"))["vocab_size"]
-ids = [(i * 7919) % vocab for i in range(512)]
-print(json.dumps({"cases": [{"prompt_ids": ids, "reference_tokens": [1, 2, 3, 4]}]}))
-PY
+# The serving path (greedy tokens picked on the device), one request: a 512-token prompt, then
+# decode steps.
 ncu --clock-control none --metrics gpu__time_duration.sum --csv --log-file "$out/ncu.csv" \
-    .bin/engine check --model "$dir" --cases /tmp/profile-cases.json --out /tmp/profile.f32
+    .bin/engine bench --model "$dir" --concurrency 1 --prompt-len 512 --gen 6
 python3 - "$out/ncu.csv" "$layers" <<'PY'
 import csv, sys
 rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))
