@@ -28,19 +28,14 @@ pub struct Tuning {
     pub depth: usize,
 }
 
-/// The tuning `launch` uses (kernels bench on the H100, `gemv (p×r×d)` sweep under Nsight
-/// Compute: benches/RESULTS.md).
+/// The tuning every decode projection uses (Nsight Compute sweep of 13 configurations × 4
+/// shapes on the H100, benches/RESULTS.md): at m = 1, Q/K/V 20.0 µs (21.8 with the former
+/// 4 × 1 × 4), O 14.6, down 42.5, gate-up + SwiGLU 81.5 — each within 0.1 µs of its shape's
+/// best.
 pub const DEFAULT_TUNING: Tuning = Tuning {
-    planes: 4,
+    planes: 16,
     rows_per_plane: 1,
-    depth: 4,
-};
-
-/// The SwiGLU variant's tuning: gate-up 14336×4096 ran 81.9 µs with 8 planes, 84.4 with 4.
-pub const SWIGLU_TUNING: Tuning = Tuning {
-    planes: 8,
-    rows_per_plane: 1,
-    depth: 4,
+    depth: 2,
 };
 
 /// Adds `w[offsets[j]..] · x[m0 + r]` to `acc[j · m_tile + r]` for `rows` weight rows j

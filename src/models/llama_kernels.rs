@@ -314,11 +314,7 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
                         swiglu,
                         accumulate: false,
                     };
-                    let tuning = if swiglu {
-                        gemv::SWIGLU_TUNING
-                    } else {
-                        gemv::DEFAULT_TUNING
-                    };
+                    let tuning = gemv::DEFAULT_TUNING;
                     let n = out_cols(p);
                     gemv::launch_with::<R, F>(cl, &s.residual, &p.w, &y, rows, n, h, opts, tuning);
                     y
