@@ -2,8 +2,9 @@
 # Runs on the GPU machine, from the repository root, with the stripped bench binary in .bin/:
 #   bash scripts/gpu-profile.sh [shape] [layers]
 # Times every kernel of one served request (a prefill and a few decode steps) with Nsight
-# Compute (kernel durations only; clocks left alone), on a random-weight model of the shape cut to a few layers, and prints
-# the last decode step's kernels with their share of the step. Output: $OUT/ncu.csv.
+# Compute (kernel durations only; clocks left alone), on a random-weight model of the shape cut
+# to a few layers, and prints the last decode step's kernels with their share of the step.
+# Output: $OUT/ncu.csv.
 set -euo pipefail
 shape="${1:-llama-3.1-8b}"
 layers="${2:-2}"
