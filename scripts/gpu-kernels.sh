@@ -6,21 +6,7 @@
 set -euo pipefail
 out="${OUT:-/tmp}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-gbps=$(python3 - <<'PY'
-import torch
-n = 1 << 28
-a = torch.empty(n, dtype=torch.bfloat16, device="cuda").uniform_()
-b = torch.empty_like(a)
-for _ in range(3): b.copy_(a)
-torch.cuda.synchronize()
-s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-t = []
-for _ in range(20):
-    s.record(); b.copy_(a); e.record(); torch.cuda.synchronize(); t.append(s.elapsed_time(e))
-t.sort()
-print(f"{2 * n * 2 / (t[len(t)//2] / 1e3) / 1e9:.0f}")
-PY
-)
+gbps=$(python3 scripts/copy_bandwidth.py)
 echo "torch device-to-device copy: $gbps GB/s (read + write)"
 python3 - <<'PY' | tee "$out/cublas.txt"
 import torch

@@ -14,7 +14,7 @@ use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::Handle;
 use kiln_kernels::{
     argmax, embedding, gemv, matmul, paged_decode_attention as pda, prefill_attention as pfa,
-    rms_norm, rope_kv_write, sample, silu_mul,
+    rms_norm, rope_kv_write, sample, silu_mul, skinny_gemm,
 };
 use rand::{Rng, SeedableRng};
 
@@ -856,6 +856,197 @@ fn sweep_matmul(b: &mut Bench) {
     }
 }
 
+/// The decode projections of Llama-3.1-8B: (name, n, k, SwiGLU on a fused gate-up weight).
+const DECODE_SHAPES: [(&str, usize, usize, bool); 5] = [
+    ("qkv", 6144, 4096, false),
+    ("o", 4096, 4096, false),
+    ("gate_up", 14336, 4096, true),
+    ("down", 4096, 14336, false),
+    ("lm_head", 128256, 4096, false),
+];
+
+/// A decode projection's weight: several copies, so repeated runs stream from memory.
+struct SkinnyWeight {
+    w0: Vec<f32>,
+    ws: Vec<Handle>,
+    n: usize,
+    k: usize,
+    swiglu: bool,
+}
+
+impl SkinnyWeight {
+    fn new(b: &mut Bench, n: usize, k: usize, swiglu: bool) -> Self {
+        let w_rows = if swiglu { 2 * n } else { n };
+        let copies = (400_000_000 / (w_rows * k * 2)).clamp(1, 4);
+        let w0 = b.random(w_rows * k);
+        let mut ws = vec![b.upload(&w0)];
+        for _ in 1..copies {
+            let w = b.random(w_rows * k);
+            ws.push(b.upload(&w));
+        }
+        SkinnyWeight {
+            w0,
+            ws,
+            n,
+            k,
+            swiglu,
+        }
+    }
+    fn bytes(&self) -> f64 {
+        ((if self.swiglu { 2 } else { 1 }) * self.n * self.k * 2) as f64
+    }
+}
+
+/// `m` rows of input for a weight, and the reference of rows 0 and m − 1 (the host reference
+/// of every row would take longer than the run).
+struct SkinnyCase {
+    x: Handle,
+    y: Handle,
+    want: Vec<f32>,
+    m: usize,
+}
+
+impl SkinnyCase {
+    fn new(b: &mut Bench, w: &SkinnyWeight, m: usize) -> Self {
+        let (n, k) = (w.n, w.k);
+        let x = b.random(m * k);
+        let ends: Vec<f32> = [&x[..k], &x[(m - 1) * k..]].concat();
+        let w_rows = if w.swiglu { 2 * n } else { n };
+        let mut want = gemv::reference(&ends, &w.w0, None, 2, w_rows, k);
+        if w.swiglu {
+            want = silu_mul::reference(&want, n);
+        }
+        let (x, y) = (b.upload(&x), b.poisoned(m * n));
+        SkinnyCase { x, y, want, m }
+    }
+    fn check(&self, b: &Bench, name: &str) -> f64 {
+        let got = b.read(self.y.clone());
+        let n = got.len() / self.m;
+        let ends: Vec<f32> = [&got[..n], &got[(self.m - 1) * n..]].concat();
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "{name}: unwritten output"
+        );
+        b.check(name, &ends, &self.want, 1e-2)
+    }
+    fn skinny(&self, b: &Bench, w: &SkinnyWeight, i: usize, tuning: skinny_gemm::Tuning) {
+        let ep = skinny_gemm::Epilogue {
+            swiglu: w.swiglu,
+            ..Default::default()
+        };
+        let wh = &w.ws[i % w.ws.len()];
+        let (m, n, k) = (self.m, w.n, w.k);
+        skinny_gemm::launch::<R, bf16>(&b.client, &self.x, wh, &self.y, m, n, k, ep, tuning);
+    }
+}
+
+/// The skinny GEMM on the decode projections at 2–64 rows, beside the GEMV (≤ 8 rows, SwiGLU
+/// folded in) and cubek's GEMM (plus SiLU·mul for gate-up) on the same data: µs per launch and
+/// the weight's read rate as a share of the copy bandwidth.
+fn bench_skinny(b: &mut Bench) {
+    let shapes: Vec<(&str, usize, usize, bool)> = if b.quick {
+        vec![("quick", 300, 512, false), ("quick_swiglu", 150, 512, true)]
+    } else {
+        DECODE_SHAPES.to_vec()
+    };
+    let rows: &[usize] = if b.quick {
+        &[5, 40]
+    } else {
+        &[2, 4, 8, 16, 32, 64]
+    };
+    for (name, n, k, swiglu) in shapes {
+        let w = SkinnyWeight::new(b, n, k, swiglu);
+        for &m in rows {
+            let case = SkinnyCase::new(b, &w, m);
+            let tuning = skinny_gemm::Tuning::for_rows(m, swiglu);
+            case.skinny(b, &w, 0, tuning);
+            let err = case.check(b, "skinny_gemm");
+            let secs = b.time(20, |i| case.skinny(b, &w, i, tuning));
+            let shape = format!("{name} m={m} n={n} k={k}");
+            b.record("skinny_gemm", shape.clone(), secs, w.bytes(), err);
+            if b.quick {
+                // The other weight-load schedule too, for the sanitizer.
+                let other = skinny_gemm::Tuning {
+                    prefetch: !tuning.prefetch,
+                    ..tuning
+                };
+                case.skinny(b, &w, 0, other);
+                let err = case.check(b, "skinny_gemm");
+                let secs = b.time(20, |i| case.skinny(b, &w, i, other));
+                let shape = format!("{shape} prefetch={}", other.prefetch);
+                b.record("skinny_gemm", shape, secs, w.bytes(), err);
+            }
+            let w_rows = if swiglu { 2 * n } else { n };
+            let full = b.poisoned(m * w_rows);
+            let run = |i: usize| {
+                let wh = &w.ws[i % w.ws.len()];
+                if m <= gemv::M_TILE {
+                    let opts = gemv::Options {
+                        swiglu,
+                        ..Default::default()
+                    };
+                    let t = gemv::DEFAULT_TUNING;
+                    gemv::launch_with::<R, bf16>(&b.client, &case.x, wh, &case.y, m, n, k, opts, t)
+                } else {
+                    let out = if swiglu { &full } else { &case.y };
+                    matmul::launch::<R, bf16>(&b.client, &case.x, wh, out, m, w_rows, k)
+                        .expect("matmul");
+                    if swiglu {
+                        silu_mul::launch::<R, bf16>(&b.client, &full, &case.y, m, n);
+                    }
+                }
+            };
+            let other = if m <= gemv::M_TILE {
+                "gemv"
+            } else {
+                "matmul (cubek)"
+            };
+            run(0);
+            let err = case.check(b, other);
+            let secs = b.time(20, run);
+            b.record(other, shape, secs, w.bytes(), err);
+        }
+    }
+}
+
+/// The skinny GEMM's spread (planes × 16-row tiles per plane × K_STEPs per chunk, weight
+/// prefetch or not) on the decode projections at 16, 32 and 64 rows.
+fn sweep_skinny(b: &mut Bench) {
+    let tunings = [
+        (4, 2, 4, false),
+        (8, 2, 2, false),
+        (4, 2, 4, true),
+        (4, 2, 2, true),
+        (8, 2, 2, true),
+        (8, 1, 2, true),
+        (4, 4, 2, true),
+    ];
+    for (name, n, k, swiglu) in DECODE_SHAPES {
+        let w = SkinnyWeight::new(b, n, k, swiglu);
+        for m in [16usize, 32, 64] {
+            let case = SkinnyCase::new(b, &w, m);
+            for (planes, row_tiles, chunk_steps, prefetch) in tunings {
+                if swiglu && row_tiles % 2 == 1 {
+                    continue;
+                }
+                let tuning = skinny_gemm::Tuning {
+                    planes,
+                    row_tiles,
+                    chunk_steps,
+                    prefetch,
+                    splits: None,
+                };
+                case.skinny(b, &w, 0, tuning);
+                let err = case.check(b, "skinny_gemm");
+                let secs = b.time(20, |i| case.skinny(b, &w, i, tuning));
+                let pf = if prefetch { " prefetch" } else { "" };
+                let shape = format!("{name} m={m} {planes}x{row_tiles}x{chunk_steps}{pf}");
+                b.record("skinny_gemm sweep", shape, secs, w.bytes(), err);
+            }
+        }
+    }
+}
+
 /// ‖got − want‖ / ‖want‖.
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     let num: f64 = got
@@ -890,7 +1081,7 @@ fn main() {
     // $KILN_BENCH_ONLY (comma-separated names) runs a subset.
     let only = std::env::var("KILN_BENCH_ONLY").ok();
     type BenchFn = fn(&mut Bench);
-    let benches: [(&str, BenchFn); 13] = [
+    let benches: [(&str, BenchFn); 15] = [
         ("rms_norm", bench_rms_norm),
         ("silu_mul", bench_silu_mul),
         ("step_kernels", bench_step_kernels),
@@ -904,6 +1095,8 @@ fn main() {
         ("sweep_decode_attention", sweep_decode_attention),
         ("prefill_attention", bench_prefill_attention),
         ("sweep_matmul", sweep_matmul),
+        ("skinny", bench_skinny),
+        ("sweep_skinny", sweep_skinny),
     ];
     for (name, run) in benches {
         let wanted = only

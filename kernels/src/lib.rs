@@ -14,6 +14,7 @@ pub mod rms_norm;
 pub mod rope_kv_write;
 pub mod sample;
 pub mod silu_mul;
+pub mod skinny_gemm;
 pub mod vector;
 
 #[cfg(test)]
