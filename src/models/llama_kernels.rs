@@ -2,12 +2,14 @@
 //! launched directly on device buffers: no Burn ops and no fusion layer on the hot path.
 //! Generic over the CubeCL runtime (CUDA in the engine, wgpu in CI) and the element type.
 //!
-//! Per layer at decode sizes (≤ 8 rows, five or six launches): Q/K/V GEMV (one fused weight)
-//! with the RMSNorm folded in (+bias) → [Q/K RMSNorm] → paged attention with RoPE and the KV
-//! write folded in (reading the fused rows; + its merge at longer contexts) → O GEMV adding
-//! into the residual stream → gate-up GEMV with the RMSNorm folded in and SiLU·mul → down GEMV
-//! adding into the residual stream. Steps with prompt chunks run RoPE + KV write as a kernel
-//! of its own. Larger batches run a fused add+RMSNorm kernel before cubek's GEMMs.
+//! Per layer at one row (five or six launches): Q/K/V GEMV (one fused weight) with the RMSNorm
+//! folded in (+bias) → [Q/K RMSNorm] → paged attention with RoPE and the KV write folded in
+//! (reading the fused rows; + its merge at longer contexts) → O GEMV adding into the residual
+//! stream → gate-up GEMV with the RMSNorm folded in and SiLU·mul → down GEMV adding into the
+//! residual stream. At 2–64 rows on tensor cores the skinny GEMM takes the GEMVs' place (SwiGLU
+//! and the residual add in its epilogue, each norm a launch of its own, a second launch where
+//! `k` is split). Steps with prompt chunks run RoPE + KV write as a kernel of its own. Larger
+//! batches run a fused add+RMSNorm kernel before cubek's GEMMs.
 //! Attention: one-token chunks (decode) run the split-K paged decode kernel, longer chunks
 //! (prefill, chunked prefill) the tiled causal kernel on tensor cores; logits are computed for
 //! the sampled rows only.
@@ -24,7 +26,7 @@ use kiln_kernels::cubecl::server::{Handle, ServerError};
 use kiln_kernels::rope_kv_write::Projections;
 use kiln_kernels::{
     argmax, deferred_tokens, embedding, gemv, matmul, paged_decode_attention as decode_attention,
-    prefill_attention, rms_norm, rope_kv_write, sample, silu_mul,
+    prefill_attention, rms_norm, rope_kv_write, sample, silu_mul, skinny_gemm,
 };
 
 use super::config::Config;
@@ -33,6 +35,19 @@ use crate::loader::weights::Weights;
 use crate::ops::rope::cos_sin_tables;
 use crate::runner::batch::Batch;
 use crate::runner::{Forward, Readback, StepOutput};
+
+/// Which kernel runs a projection, by the rows of the batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// The GEMV (one row, or up to its tile where the skinny GEMM does not run): RMSNorm,
+    /// SwiGLU and the residual add folded in.
+    Gemv,
+    /// The tensor-core skinny GEMM (2–64 rows): SwiGLU and the residual add folded in, the
+    /// norm a launch of its own.
+    Skinny,
+    /// cubek's GEMM, with norm, SiLU·mul and residual add as launches of their own.
+    Gemm,
+}
 
 struct Proj {
     /// `[out, in]`, row-major (HF layout: one weight row per output).
@@ -273,12 +288,40 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
         &self.config
     }
 
-    /// `x` `[rows, p.inp]` through projection `p`: the GEMV while the weight read dominates,
-    /// the tensor-core GEMM beyond one GEMV tile of rows (bias projections stay on the GEMV,
-    /// which adds the bias itself).
+    /// The kernel for `rows` rows of `k` inputs.
+    fn path(&self, rows: usize, k: usize) -> Path {
+        if rows > 1 && skinny_gemm::supported::<R, F>(&self.client, rows, k) {
+            Path::Skinny
+        } else if rows <= gemv::M_TILE {
+            Path::Gemv
+        } else {
+            Path::Gemm
+        }
+    }
+
+    /// `x` `[rows, p.inp]` through projection `p` with `epilogue` (its bias is `p`'s): the GEMV
+    /// while the weight read dominates, the tensor-core GEMMs beyond (bias projections stay on
+    /// the GEMV past the skinny GEMM's rows: cubek's GEMM adds no bias).
     fn project(&self, x: &Handle, p: &Proj, rows: usize) -> Result<Handle> {
         let y = self.client.empty(rows * p.out * size_of::<F>());
-        if rows > gemv::M_TILE && p.b.is_none() {
+        if self.path(rows, p.inp) == Path::Skinny {
+            let epilogue = skinny_gemm::Epilogue {
+                bias: p.b.as_ref(),
+                ..Default::default()
+            };
+            let tuning = skinny_gemm::Tuning::for_rows(rows, false);
+            skinny_gemm::launch::<R, F>(
+                &self.client,
+                x,
+                &p.w,
+                &y,
+                rows,
+                p.out,
+                p.inp,
+                epilogue,
+                tuning,
+            );
+        } else if rows > gemv::M_TILE && p.b.is_none() {
             matmul::launch::<R, F>(&self.client, x, &p.w, &y, rows, p.out, p.inp)
                 .map_err(Error::Device)?;
         } else {
@@ -303,7 +346,8 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
         let (es, h) = (size_of::<F>(), self.config.hidden_size);
         let eps = self.config.rms_norm_eps as f32;
         let out_cols = |p: &Proj| if swiglu { p.out / 2 } else { p.out };
-        if rows <= gemv::M_TILE {
+        let path = self.path(rows, h);
+        if path == Path::Gemv {
             return Ok(projs
                 .iter()
                 .map(|p| {
@@ -331,6 +375,18 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
         projs
             .iter()
             .map(|p| {
+                if swiglu && path == Path::Skinny {
+                    let y = cl.empty(rows * out_cols(p) * es);
+                    let epilogue = skinny_gemm::Epilogue {
+                        swiglu,
+                        ..Default::default()
+                    };
+                    let (n, tuning) = (out_cols(p), skinny_gemm::Tuning::for_rows(rows, true));
+                    skinny_gemm::launch::<R, F>(
+                        cl, &normed, &p.w, &y, rows, n, h, epilogue, tuning,
+                    );
+                    return Ok(y);
+                }
                 let y = self.project(&normed, p, rows)?;
                 if !swiglu {
                     return Ok(y);
@@ -343,9 +399,28 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
     }
 
     /// A block's output projection `p` of `x`: added into the residual stream in place by the
-    /// GEMV at decode sizes, else left pending for the next norm (the GEMM cannot add).
+    /// GEMV or the skinny GEMM at decode sizes, else left pending for the next norm (the GEMM
+    /// cannot add).
     fn residual_projection(&self, s: &mut Stream, x: &Handle, p: &Proj, rows: usize) -> Result<()> {
-        if rows <= gemv::M_TILE {
+        let path = self.path(rows, p.inp);
+        if path == Path::Skinny {
+            let epilogue = skinny_gemm::Epilogue {
+                accumulate: true,
+                ..Default::default()
+            };
+            let (cl, tuning) = (&self.client, skinny_gemm::Tuning::for_rows(rows, false));
+            skinny_gemm::launch::<R, F>(
+                cl,
+                x,
+                &p.w,
+                &s.residual,
+                rows,
+                p.out,
+                p.inp,
+                epilogue,
+                tuning,
+            );
+        } else if path == Path::Gemv {
             let opts = gemv::Options {
                 accumulate: true,
                 ..Default::default()
