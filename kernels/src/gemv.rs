@@ -335,7 +335,7 @@ pub fn reference(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{client, fill, read, rel_err, upload, Elem};
+    use crate::test_util::{client, epilogue_reference, fill, output, read, rel_err, upload, Elem};
 
     fn check<F: Elem>(m: usize, n: usize, k: usize, with_bias: bool, tol: f64) {
         let c = client();
@@ -426,14 +426,7 @@ mod tests {
                 let w_rows = if swiglu { 2 * n } else { n };
                 let (x, w, y0) = (fill(m * k, 26), fill(w_rows * k, 27), fill(m * n, 28));
                 let (xh, wh) = (upload::<f32>(&c, &x), upload::<f32>(&c, &w));
-                let y = upload::<f32>(
-                    &c,
-                    &if accumulate {
-                        y0.clone()
-                    } else {
-                        vec![f32::NAN; m * n]
-                    },
-                );
+                let y = output::<f32>(&c, &y0, accumulate);
                 let opts = Options {
                     bias: None,
                     rms_eps: norm.then_some(eps),
@@ -446,13 +439,9 @@ mod tests {
                 } else {
                     x.clone()
                 };
-                let mut expected = reference(&input, &w, None, m, w_rows, k);
-                if swiglu {
-                    expected = crate::silu_mul::reference(&expected, n);
-                }
-                if accumulate {
-                    expected.iter_mut().zip(&y0).for_each(|(e, y)| *e += y);
-                }
+                let product = reference(&input, &w, None, m, w_rows, k);
+                let y0 = accumulate.then_some(&y0[..]);
+                let expected = epilogue_reference(product, n, None, swiglu, y0);
                 let e = rel_err(&read::<f32>(&c, y), &expected);
                 let what =
                     format!("m {m} n {n} k {k} swiglu {swiglu} norm {norm} acc {accumulate}");

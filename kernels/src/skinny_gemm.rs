@@ -594,7 +594,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
 mod tests {
     use super::*;
     use crate::gemv::reference;
-    use crate::test_util::{client, fill, read, rel_err, upload, Elem};
+    use crate::test_util::{client, epilogue_reference, fill, output, read, rel_err, upload, Elem};
 
     /// One launch against the GEMV's reference (and SiLU·mul's, and the residual add).
     fn check<F: Elem>(
@@ -613,14 +613,7 @@ mod tests {
         let b = F::round_trip(&fill(n, 33));
         let y0 = F::round_trip(&fill(m * n, 34));
         let bh = upload::<F>(&c, &b);
-        let y = upload::<F>(
-            &c,
-            &if accumulate {
-                y0.clone()
-            } else {
-                vec![f32::NAN; m * n]
-            },
-        );
+        let y = output::<F>(&c, &y0, accumulate);
         let ep = Epilogue {
             bias: with_bias.then_some(&bh),
             swiglu,
@@ -637,18 +630,14 @@ mod tests {
             ep,
             tuning,
         );
-        let mut want = reference(&x, &w, None, m, w_rows, k);
-        if swiglu {
-            want = crate::silu_mul::reference(&want, n);
-        }
-        if with_bias {
-            want.iter_mut()
-                .enumerate()
-                .for_each(|(i, v)| *v += b[i % n]);
-        }
-        if accumulate {
-            want.iter_mut().zip(&y0).for_each(|(v, y)| *v += y);
-        }
+        let product = reference(&x, &w, None, m, w_rows, k);
+        let want = epilogue_reference(
+            product,
+            n,
+            with_bias.then_some(&b[..]),
+            swiglu,
+            accumulate.then_some(&y0[..]),
+        );
         let e = rel_err(&read::<F>(&c, y), &want);
         assert!(
             e < tol,

@@ -78,6 +78,39 @@ pub fn fused_rows(parts: &[(&[f32], usize)], tokens: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The output buffer of a kernel that may add into it: `y0` when it accumulates, else poisoned.
+pub fn output<F: Elem>(c: &ComputeClient<TestRuntime>, y0: &[f32], accumulate: bool) -> Handle {
+    if accumulate {
+        upload::<F>(c, y0)
+    } else {
+        upload::<F>(c, &vec![f32::NAN; y0.len()])
+    }
+}
+
+/// A product's rows (`[rows, n]`, or `[rows, 2·n]` gate then up for SwiGLU) through the fused
+/// kernels' epilogue: + bias on the (gate) columns, SwiGLU, + `y0` where they accumulate.
+pub fn epilogue_reference(
+    mut y: Vec<f32>,
+    n: usize,
+    bias: Option<&[f32]>,
+    swiglu: bool,
+    y0: Option<&[f32]>,
+) -> Vec<f32> {
+    let width = if swiglu { 2 * n } else { n };
+    if let Some(b) = bias {
+        for row in y.chunks_mut(width) {
+            row[..n].iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
+    }
+    if swiglu {
+        y = crate::silu_mul::reference(&y, n);
+    }
+    if let Some(y0) = y0 {
+        y.iter_mut().zip(y0).for_each(|(v, a)| *v += a);
+    }
+    y
+}
+
 pub fn read_u32(c: &ComputeClient<TestRuntime>, h: Handle) -> Vec<u32> {
     u32::from_bytes(&c.read_one_unchecked(h)).to_vec()
 }
