@@ -306,12 +306,14 @@ fn skinny_gemm_kernel<F: Float, N: Size>(
     // below them.
     let halves = comptime![if swiglu { 2usize } else { 1usize }];
     let tiles_per_half = comptime![row_tiles / halves];
-    // Vector offsets of the lane's weight rows g and g + 8 of each tile (clamped in bounds:
-    // rows past `n_out` are read but never stored).
+    // The plane's first 16-row tile (of each half), and the vector offsets of the lane's
+    // weight rows g and g + 8 of each tile (clamped in bounds: rows past `n_out` are read but
+    // never stored).
+    let first_tile = (CUBE_POS_X as usize * planes + plane) * tiles_per_half;
     let mut w_at = Array::<usize>::new(comptime![2 * row_tiles]);
     #[unroll]
     for r in 0..row_tiles {
-        let tile = (CUBE_POS_X as usize * planes + plane) * tiles_per_half + r % tiles_per_half;
+        let tile = first_tile + r % tiles_per_half;
         #[unroll]
         for h in 0..2usize {
             let row = usize::min(tile * 16 + g + 8 * h, n_out - 1) + (r / tiles_per_half) * n_out;
@@ -429,7 +431,7 @@ fn skinny_gemm_kernel<F: Float, N: Size>(
     let w_rows = halves * n_out;
     #[unroll]
     for r in 0..comptime![if split { row_tiles } else { tiles_per_half }] {
-        let tile = (CUBE_POS_X as usize * planes + plane) * tiles_per_half + r % tiles_per_half;
+        let tile = first_tile + r % tiles_per_half;
         #[unroll]
         for h in 0..2usize {
             let col = tile * 16 + g + 8 * h;
@@ -517,7 +519,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
         m <= MAX_ROWS && k.is_multiple_of(K_STEP),
         "skinny GEMM shape m {m} k {k}"
     );
-    let v = vector_size(client, size_of::<F>(), 8).min(8);
+    let v = vector_size(client, size_of::<F>(), 8);
     let hardware = has_tensor_cores::<R, F>(client);
     let halves = if epilogue.swiglu { 2 } else { 1 };
     let row_blocks = n.div_ceil(16 * planes * row_tiles / halves);

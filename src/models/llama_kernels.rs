@@ -299,9 +299,25 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
         }
     }
 
-    /// `x` `[rows, p.inp]` through projection `p` with `epilogue` (its bias is `p`'s): the GEMV
-    /// while the weight read dominates, the tensor-core GEMMs beyond (bias projections stay on
-    /// the GEMV past the skinny GEMM's rows: cubek's GEMM adds no bias).
+    /// `y` `[rows, n]` from `x` `[rows, p.inp]` and `p`'s weight on the skinny GEMM, with
+    /// `epilogue` and the spread measured best for that many rows.
+    fn skinny(
+        &self,
+        x: &Handle,
+        p: &Proj,
+        y: &Handle,
+        rows: usize,
+        n: usize,
+        epilogue: skinny_gemm::Epilogue,
+    ) {
+        let tuning = skinny_gemm::Tuning::for_rows(rows, epilogue.swiglu);
+        let (cl, k) = (&self.client, p.inp);
+        skinny_gemm::launch::<R, F>(cl, x, &p.w, y, rows, n, k, epilogue, tuning);
+    }
+
+    /// `x` `[rows, p.inp]` through projection `p`: the GEMV while the weight read dominates,
+    /// the tensor-core GEMMs beyond (bias projections stay on the GEMV past the skinny GEMM's
+    /// rows: cubek's GEMM adds no bias).
     fn project(&self, x: &Handle, p: &Proj, rows: usize) -> Result<Handle> {
         let y = self.client.empty(rows * p.out * size_of::<F>());
         if self.path(rows, p.inp) == Path::Skinny {
@@ -309,18 +325,7 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
                 bias: p.b.as_ref(),
                 ..Default::default()
             };
-            let tuning = skinny_gemm::Tuning::for_rows(rows, false);
-            skinny_gemm::launch::<R, F>(
-                &self.client,
-                x,
-                &p.w,
-                &y,
-                rows,
-                p.out,
-                p.inp,
-                epilogue,
-                tuning,
-            );
+            self.skinny(x, p, &y, rows, p.out, epilogue);
         } else if rows > gemv::M_TILE && p.b.is_none() {
             matmul::launch::<R, F>(&self.client, x, &p.w, &y, rows, p.out, p.inp)
                 .map_err(Error::Device)?;
@@ -381,10 +386,7 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
                         swiglu,
                         ..Default::default()
                     };
-                    let (n, tuning) = (out_cols(p), skinny_gemm::Tuning::for_rows(rows, true));
-                    skinny_gemm::launch::<R, F>(
-                        cl, &normed, &p.w, &y, rows, n, h, epilogue, tuning,
-                    );
+                    self.skinny(&normed, p, &y, rows, out_cols(p), epilogue);
                     return Ok(y);
                 }
                 let y = self.project(&normed, p, rows)?;
@@ -408,18 +410,7 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
                 accumulate: true,
                 ..Default::default()
             };
-            let (cl, tuning) = (&self.client, skinny_gemm::Tuning::for_rows(rows, false));
-            skinny_gemm::launch::<R, F>(
-                cl,
-                x,
-                &p.w,
-                &s.residual,
-                rows,
-                p.out,
-                p.inp,
-                epilogue,
-                tuning,
-            );
+            self.skinny(x, p, &s.residual, rows, p.out, epilogue);
         } else if path == Path::Gemv {
             let opts = gemv::Options {
                 accumulate: true,
