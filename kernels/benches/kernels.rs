@@ -958,22 +958,23 @@ fn bench_skinny(b: &mut Bench) {
         let w = SkinnyWeight::new(b, n, k, swiglu);
         for &m in rows {
             let case = SkinnyCase::new(b, &w, m);
-            let tuning = skinny_gemm::Tuning::for_rows(m, swiglu);
+            let tuning = skinny_gemm::Tuning::for_device::<R, bf16>(&b.client, m, swiglu);
             case.skinny(b, &w, 0, tuning);
             let err = case.check(b, "skinny_gemm");
             let secs = b.time(20, |i| case.skinny(b, &w, i, tuning));
             let shape = format!("{name} m={m} n={n} k={k}");
             b.record("skinny_gemm", shape.clone(), secs, w.bytes(), err);
             if b.quick {
-                // The other weight-load schedule too, for the sanitizer.
+                // A two-stage ring and one split too, for the sanitizer.
                 let other = skinny_gemm::Tuning {
-                    prefetch: !tuning.prefetch,
+                    stages: 2,
+                    splits: Some(1),
                     ..tuning
                 };
                 case.skinny(b, &w, 0, other);
                 let err = case.check(b, "skinny_gemm");
                 let secs = b.time(20, |i| case.skinny(b, &w, i, other));
-                let shape = format!("{shape} prefetch={}", other.prefetch);
+                let shape = format!("{shape} stages=2 splits=1");
                 b.record("skinny_gemm", shape, secs, w.bytes(), err);
             }
             let w_rows = if swiglu { 2 * n } else { n };
@@ -1009,23 +1010,25 @@ fn bench_skinny(b: &mut Bench) {
     }
 }
 
-/// The skinny GEMM's spread (planes × 16-row tiles per plane × K_STEPs per chunk, weight
-/// prefetch or not) on the decode projections at 16, 32 and 64 rows.
+/// The skinny GEMM's spread (planes × 16-row tiles per plane × K_STEPs per stage × stages,
+/// and a forced number of `k` splits) on the decode projections at 16, 32 and 64 rows.
 fn sweep_skinny(b: &mut Bench) {
     let tunings = [
-        (4, 2, 4, false),
-        (8, 2, 2, false),
-        (4, 2, 4, true),
-        (4, 2, 2, true),
-        (8, 2, 2, true),
-        (8, 1, 2, true),
-        (4, 4, 2, true),
+        (4, 2, 2, 4, None),
+        (4, 2, 2, 6, None),
+        (4, 2, 4, 3, None),
+        (2, 2, 2, 4, None),
+        (4, 1, 2, 4, None),
+        (8, 2, 2, 3, None),
+        (4, 4, 2, 3, None),
+        (4, 2, 2, 4, Some(1)),
+        (4, 2, 2, 4, Some(2)),
     ];
     for (name, n, k, swiglu) in DECODE_SHAPES {
         let w = SkinnyWeight::new(b, n, k, swiglu);
         for m in [16usize, 32, 64] {
             let case = SkinnyCase::new(b, &w, m);
-            for (planes, row_tiles, chunk_steps, prefetch) in tunings {
+            for (planes, row_tiles, chunk_steps, stages, splits) in tunings {
                 if swiglu && row_tiles % 2 == 1 {
                     continue;
                 }
@@ -1033,14 +1036,14 @@ fn sweep_skinny(b: &mut Bench) {
                     planes,
                     row_tiles,
                     chunk_steps,
-                    prefetch,
-                    splits: None,
+                    stages,
+                    splits,
                 };
                 case.skinny(b, &w, 0, tuning);
                 let err = case.check(b, "skinny_gemm");
                 let secs = b.time(20, |i| case.skinny(b, &w, i, tuning));
-                let pf = if prefetch { " prefetch" } else { "" };
-                let shape = format!("{name} m={m} {planes}x{row_tiles}x{chunk_steps}{pf}");
+                let sp = splits.map(|s| format!(" splits={s}")).unwrap_or_default();
+                let shape = format!("{name} m={m} {planes}x{row_tiles}x{chunk_steps}x{stages}{sp}");
                 b.record("skinny_gemm sweep", shape, secs, w.bytes(), err);
             }
         }

@@ -2,23 +2,32 @@
 //! step with several sequences, against a row-major weight `[n, k]` (HF's `[out, in]`).
 //!
 //! Still bound by reading the weight once, but past a few rows the GEMV's FMAs and its re-reads
-//! of `x` cost more than the read: here each plane of 32 lanes streams 16-row tiles of `w`
-//! straight from memory into `mma` (m16n8k16, f32 accumulation) A fragments, and the rows of
-//! `x` are the B side (eight per column tile, up to eight tiles), staged per chunk of `k` in
-//! shared memory once for the whole cube. No fragment needs a shuffle or a shared-memory pass
-//! for `w`: a dot product may take its `k` in any order as long as both sides take the same
-//! one, so lane (g, t) loads 8 consecutive values of its weight rows g and g + 8, and of its `x`
-//! row g, at `k = 32·j + 8·t`, and puts values 0–3 where `mma` wants `k = 2t, 2t + 1, 2t + 8,
-//! 2t + 9` of the first k16 step and values 4–7 there in the second.
+//! of `x` cost more than the read: here each plane of 32 lanes multiplies 16-row tiles of `w`
+//! (`mma` m16n8k16 A fragments, f32 accumulation) by the rows of `x` (the B side, eight per
+//! column tile, up to eight tiles).
 //!
-//! Short of cubes (few weight rows, long `k`), the `k` range is split over cubes, each writing
-//! f32 partial sums that a second launch adds up, with the epilogue (bias, SwiGLU on a fused
+//! Both operands reach the planes through a ring of shared-memory stages filled by async copies
+//! (`cp.async`, one mbarrier per stage): several chunks of `k` are in flight per cube without
+//! holding a register (registers holding the next chunk allowed one, and 64 rows read at a
+//! quarter to half of copy; the ring reads the large ones at 44–89 % of it from 32 to 64 rows).
+//!
+//! No fragment needs a shuffle: a dot product may take its `k` in any order as long as both
+//! sides take the same one, so lane (g, t) reads 8 consecutive values of its weight rows g and
+//! g + 8, and of its `x` row g, at `k = 32·j + 8·t`, and puts values 0–3 where `mma` wants
+//! `k = 2t, 2t + 1, 2t + 8, 2t + 9` of the first k16 step and values 4–7 there in the second.
+//! Those 16-byte reads hit distinct banks because odd rows keep their 16-byte groups swapped
+//! by halves (group o at o ^ 4).
+//!
+//! Short of cubes (few weight rows, long `k`), the `k` range is split over cubes (as many splits
+//! as fill whole waves of the device, priced against their traffic), each writing f32 partial
+//! sums that a second launch adds up, with the epilogue (bias, SwiGLU on a fused
 //! gate-up weight, residual add); with one split the product kernel applies it itself.
 //!
 //! The tile layout is `mma`'s, over 32-unit groups of the cube. Devices without the instruction
-//! (the CPU CI's lavapipe) run the same kernel with each `mma` emulated through shared memory,
-//! which needs no particular plane size.
+//! (the CPU CI's lavapipe) run the same kernel with each `mma` emulated through shared memory
+//! and plain copies into the stages, which needs no particular plane size.
 
+use cubecl::frontend::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -27,7 +36,7 @@ use crate::vector::vector_size;
 
 /// Rows of `x` one launch takes (eight `mma` column tiles of 8).
 pub const MAX_ROWS: usize = 64;
-/// `k` must be a multiple of this: one `mma` pair (two k16 steps) per lane load.
+/// `k` must be a multiple of this: one `mma` pair (two k16 steps) per lane read.
 pub const K_STEP: usize = 32;
 /// Units of the `mma` tile layout.
 const WARP: usize = 32;
@@ -36,34 +45,69 @@ const WARP: usize = 32;
 type Pair<E> = Vector<E, Const<2>>;
 
 /// How the work is spread: planes per cube, 16-row weight tiles per plane (even for SwiGLU:
-/// half gate rows, half the matching up rows), `K_STEP`s per shared-memory chunk of `x` (even),
-/// whether each chunk's weight loads go out during the previous chunk's products, and, for
-/// tests, a forced number of `k` splits.
+/// half gate rows, half the matching up rows), `K_STEP`s per stage (even), stages in the ring
+/// (chunks in flight + the one being multiplied), and, for tests, a forced number of `k`
+/// splits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
     pub planes: usize,
     pub row_tiles: usize,
     pub chunk_steps: usize,
-    pub prefetch: bool,
+    pub stages: usize,
     pub splits: Option<usize>,
 }
 
 impl Tuning {
-    /// The spread for `m` rows of a product with or without SwiGLU (host-timed sweep of 7
-    /// spreads on Llama-3.1-8B's decode shapes at 16, 32 and 64 rows, H200,
-    /// benches/RESULTS.md): 2-step chunks with the next chunk's weights loading during this
-    /// chunk's products everywhere; up to 16 rows 4 planes of 2 tiles (the best or within 4 %
-    /// of it on every shape), past 16 rows 8 planes of 1 tile (more cubes, fewer registers:
-    /// best or within 3 % at 32 and 64 rows), SwiGLU keeping 2 tiles (a gate and an up tile).
-    pub fn for_rows(m: usize, swiglu: bool) -> Tuning {
-        let (planes, row_tiles) = if m <= 16 || swiglu { (4, 2) } else { (8, 1) };
-        Tuning {
+    /// The spread for `m` rows of `F` on this device, with or without SwiGLU (host-timed sweep
+    /// of 9 spreads on Llama-3.1-8B's decode shapes at 16, 32 and 64 rows, H200,
+    /// benches/RESULTS.md): 8 planes of 2 tiles and 3 stages (best or within 3 % at 16 and 32
+    /// rows on the shapes without SwiGLU), SwiGLU 4 planes and 4 stages (best at 32 rows).
+    /// Stages, then planes, drop until the ring fits the device's shared memory.
+    pub fn for_device<R: Runtime, F: CubePrimitive>(
+        client: &ComputeClient<R>,
+        m: usize,
+        swiglu: bool,
+    ) -> Tuning {
+        let (planes, stages) = if swiglu { (4, 4) } else { (8, 3) };
+        let mut tuning = Tuning {
             planes,
-            row_tiles,
+            row_tiles: 2,
             chunk_steps: 2,
-            prefetch: true,
+            stages,
             splits: None,
+        };
+        let limit = client.properties().hardware.max_shared_memory_size;
+        let hardware = has_tensor_cores::<R, F>(client);
+        let elem = F::as_type_native_unchecked().size();
+        while tuning.shared_bytes(m, elem, hardware) > limit {
+            if tuning.stages > 2 {
+                tuning.stages -= 1;
+            } else if tuning.planes > 1 {
+                tuning.planes /= 2;
+            } else {
+                break; // the launch reports it
+            }
         }
+        tuning
+    }
+
+    /// Cubes of this spread an SM holds at once, by its shared memory (`shared` bytes a cube of
+    /// `limit` a cube at most, about an SM's) and by an estimate of the registers (ptxas on
+    /// sm_90: 62–66 at one or two column tiles, 96 at four, 142 at eight, two row tiles).
+    fn cubes_per_sm(&self, m: usize, shared: usize, limit: usize) -> usize {
+        let units = self.planes * WARP;
+        let regs = 64 + 5 * self.row_tiles * m.div_ceil(8);
+        let by_shared = (limit + 1024) / (shared + 1024);
+        let by_regs = 65536 / (units * regs);
+        by_shared.min(by_regs).min(2048 / units).max(1)
+    }
+
+    /// Bytes of shared memory a cube of this spread takes for `m` rows of `elem`-byte values
+    /// (and the emulated `mma`'s scratch without tensor cores).
+    fn shared_bytes(&self, m: usize, elem: usize, hardware: bool) -> usize {
+        let rows = 16 * self.planes * self.row_tiles + 8 * m.div_ceil(8);
+        let scratch = if hardware { 0 } else { self.planes * 384 * 4 };
+        self.stages * rows * self.chunk_steps * K_STEP * elem + scratch
     }
 }
 
@@ -181,82 +225,193 @@ fn mma<F: Float>(
     }
 }
 
-/// Stages the `x` chunk starting at `K_STEP` `s` (`steps` of them, zeros past the split and
-/// past row `m`) in `regs`: the loads go out before the current chunk's products.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn load_x<F: Float, N: Size>(
-    x: &Array<Vector<F, N>>,
-    regs: &mut Array<Vector<F, N>>,
-    s: usize,
-    span: Span,
-    m: usize,
-    k_vecs: usize,
-    #[comptime] rows: usize,
-    #[comptime] steps: usize,
-    #[comptime] units: usize,
-    #[comptime] vec: usize,
-) {
-    let per_step = comptime![K_STEP / vec];
-    let row_vecs = comptime![steps * K_STEP / vec];
-    #[unroll]
-    for i in 0..comptime![(rows * row_vecs).div_ceil(units)] {
-        let idx = i * units + UNIT_POS as usize;
-        let (row, c) = (idx / row_vecs, idx % row_vecs);
-        regs[i] = Vector::new(F::new(0.0));
-        if idx < rows * row_vecs && row < m && s + c / per_step < span.s1 {
-            regs[i] = x[row * k_vecs + s * per_step + c];
-        }
-    }
+/// The shape of a stage, all comptime: `chunk` vectors per row (`steps` `K_STEP`s), `w_rows`
+/// weight rows (the cube's) then `x_rows` rows of `x`; `units` copy `w_slots` weight vectors
+/// and `x_slots` `x` vectors each per stage.
+#[derive(CubeType, Clone, Copy)]
+struct Ring {
+    #[cube(comptime)]
+    chunk: usize,
+    #[cube(comptime)]
+    per_step: usize,
+    #[cube(comptime)]
+    vecs_per_8: usize,
+    #[cube(comptime)]
+    w_rows: usize,
+    #[cube(comptime)]
+    x_rows: usize,
+    #[cube(comptime)]
+    units: usize,
+    #[cube(comptime)]
+    w_slots: usize,
+    #[cube(comptime)]
+    x_slots: usize,
+    #[cube(comptime)]
+    stage: usize,
 }
 
-/// Writes the staged chunk into buffer `at` of `x_s` (rows `stride` vectors apart).
+/// Where vector `c` of stage row `row` lies: odd rows swap the halves of their 16-byte groups
+/// (group `o` at `o ^ 4`), so the 16-byte fragment reads of rows g and g + 1 (one phase of a
+/// plane's read) fall on distinct banks.
 #[cube]
-fn store_x<F: Float, N: Size>(
-    regs: &Array<Vector<F, N>>,
-    x_s: &mut SharedMemory<Vector<F, N>>,
-    at: usize,
-    #[comptime] rows: usize,
-    #[comptime] steps: usize,
-    #[comptime] units: usize,
-    #[comptime] stride: usize,
-    #[comptime] vec: usize,
-) {
-    let row_vecs = comptime![steps * K_STEP / vec];
-    #[unroll]
-    for i in 0..comptime![(rows * row_vecs).div_ceil(units)] {
-        let idx = i * units + UNIT_POS as usize;
-        if idx < rows * row_vecs {
-            x_s[at + (idx / row_vecs) * stride + idx % row_vecs] = regs[i];
-        }
-    }
+fn swizzled(row: usize, c: usize, #[comptime] ring: Ring) -> usize {
+    row * ring.chunk + (c ^ ((row % 2) * 4 * ring.vecs_per_8))
 }
 
-/// Loads the lane's weight values of the chunk starting at `K_STEP` `s` into `wv` from `at`:
-/// for each row (g and g + 8 of each tile) and step, 8 consecutive values.
+/// Queues the copies of the chunk starting at `K_STEP` `s` into stage `st`: the unit's weight
+/// vectors (source offsets `w_src`, at `s = 0`), then its `x` vectors (`x_src`). A unit always
+/// copies vector `c = UNIT_POS % chunk` of its rows: one bound check on the split per chunk.
+/// Without tensor cores, plain loads and stores.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load_w<F: Float, N: Size>(
+fn issue<F: Float, N: Size>(
     w: &Array<Vector<F, N>>,
-    wv: &mut Array<Vector<F, N>>,
-    at: usize,
-    w_at: &Array<usize>,
+    x: &Array<Vector<F, N>>,
+    ring_s: &mut SharedMemory<Vector<F, N>>,
+    w_src: &Array<usize>,
+    x_src: &Array<usize>,
     s: usize,
     span: Span,
+    st: usize,
+    #[comptime] ring: Ring,
+    #[comptime] hardware: bool,
+) {
+    let vec = comptime![8 / ring.vecs_per_8];
+    let c = UNIT_POS as usize % ring.chunk;
+    if s + c / ring.per_step < span.s1 {
+        let off = s * ring.per_step;
+        let row0 = UNIT_POS as usize / ring.chunk;
+        let rows_per_slot = comptime![ring.units / ring.chunk];
+        #[unroll]
+        for i in 0..ring.w_slots {
+            let dst = st * ring.stage + swizzled(row0 + i * rows_per_slot, c, ring);
+            copy_vec::<F, N>(w, w_src[i] + off, ring_s, dst, vec, hardware);
+        }
+        #[unroll]
+        for i in 0..ring.x_slots {
+            let row = row0 + i * rows_per_slot;
+            if row < ring.x_rows {
+                let dst = st * ring.stage + swizzled(ring.w_rows + row, c, ring);
+                copy_vec::<F, N>(x, x_src[i] + off, ring_s, dst, vec, hardware);
+            }
+        }
+    }
+}
+
+/// One vector from global memory into the ring: `cp.async`, or a plain load and store.
+#[cube]
+fn copy_vec<F: Float, N: Size>(
+    src: &Array<Vector<F, N>>,
+    at: usize,
+    ring_s: &mut SharedMemory<Vector<F, N>>,
+    dst: usize,
+    #[comptime] vec: usize,
+    #[comptime] hardware: bool,
+) {
+    if comptime![hardware] {
+        copy_async(
+            &src.slice(at, at + 1),
+            &mut ring_s.slice_mut(dst, dst + 1),
+            vec as u32,
+        );
+    } else {
+        ring_s[dst] = src[at];
+    }
+}
+
+/// Stage `st`'s mbarrier (a comptime sequence, so found by a uniform branch): with `wait`, the
+/// stage's copies done, the unit's and the cube's (plain copies: a cube barrier); without, the
+/// unit's copies queued so far marked as the stage's, its current phase also waiting for them.
+#[cube]
+fn stage_barrier(
+    ready: &Sequence<Shared<Barrier>>,
+    st: usize,
+    #[comptime] stages: usize,
+    #[comptime] hardware: bool,
+    #[comptime] wait: bool,
+) {
+    if comptime![hardware] {
+        #[unroll]
+        for i in 0..stages {
+            if st == i {
+                if comptime![wait] {
+                    ready.index(i).arrive_and_wait();
+                } else {
+                    ready.index(i).commit_copy_async();
+                }
+            }
+        }
+    } else if comptime![wait] {
+        sync_cube();
+    }
+}
+
+/// The plane's products over the chunk in stage `st` (starting at `K_STEP` `s`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn multiply<F: Float, N: Size>(
+    ring_s: &SharedMemory<Vector<F, N>>,
+    acc: &mut Array<Pair<f32>>,
+    scratch: &mut SharedMemory<f32>,
+    s: usize,
+    span: Span,
+    st: usize,
+    #[comptime] ring: Ring,
+    #[comptime] m_tiles: usize,
     #[comptime] row_tiles: usize,
     #[comptime] steps: usize,
-    #[comptime] vec: usize,
+    #[comptime] hardware: bool,
 ) {
-    let vecs_per_8 = comptime![8 / vec];
-    let per_step = comptime![K_STEP / vec];
+    let vp8 = ring.vecs_per_8;
+    let lane = UNIT_POS as usize % WARP;
+    let plane = UNIT_POS as usize / WARP;
+    let (g, t) = (lane / 4, lane % 4);
+    // Rows g and g + 8 of every tile and of every x tile share g's parity: one swizzle.
+    let w0 = st * ring.stage + (plane * row_tiles * 16 + g) * ring.chunk;
+    let x0 = st * ring.stage + (ring.w_rows + g) * ring.chunk;
     #[unroll]
     for j in 0..steps {
         if s + j < span.s1 {
+            let c = ((j * 4 + t) ^ ((g % 2) * 4)) * vp8;
+            // The lane's 8 values of weight rows g, g + 8 of each tile: A fragments.
+            let mut wa = Array::<Vector<F, N>>::new(comptime![2 * row_tiles * vp8]);
             #[unroll]
             for r in 0..comptime![2 * row_tiles] {
                 #[unroll]
-                for v in 0..vecs_per_8 {
-                    wv[at + (r * steps + j) * vecs_per_8 + v] = w[w_at[r] + (s + j) * per_step + v];
+                for v in 0..vp8 {
+                    wa[r * vp8 + v] = ring_s[w0 + r * 8 * ring.chunk + c + v];
+                }
+            }
+            // Consecutive products go to different accumulators (a product's result is
+            // needed again only 2·m_tiles·row_tiles products later).
+            #[unroll]
+            for half in 0..2usize {
+                #[unroll]
+                for mt in 0..m_tiles {
+                    let mut xb = Array::<Vector<F, N>>::new(vp8);
+                    #[unroll]
+                    for v in 0..vp8 {
+                        xb[v] = ring_s[x0 + mt * 8 * ring.chunk + c + v];
+                    }
+                    let mut b = Array::<Pair<F>>::new(2usize);
+                    b[0] = pair_of::<F, N>(&xb, 0, 4 * half);
+                    b[1] = pair_of::<F, N>(&xb, 0, 4 * half + 2);
+                    #[unroll]
+                    for r in 0..row_tiles {
+                        let (lo, hi) = (2 * r * vp8, (2 * r + 1) * vp8);
+                        let mut a = Array::<Pair<F>>::new(4usize);
+                        a[0] = pair_of::<F, N>(&wa, lo, 4 * half);
+                        a[1] = pair_of::<F, N>(&wa, hi, 4 * half);
+                        a[2] = pair_of::<F, N>(&wa, lo, 4 * half + 2);
+                        a[3] = pair_of::<F, N>(&wa, hi, 4 * half + 2);
+                        let mut cc = Array::<Pair<f32>>::new(2usize);
+                        let at = (r * m_tiles + mt) * 2;
+                        cc[0] = acc[at];
+                        cc[1] = acc[at + 1];
+                        mma::<F>(&a, &b, &mut cc, scratch, hardware);
+                        acc[at] = cc[0];
+                        acc[at + 1] = cc[1];
+                    }
                 }
             }
         }
@@ -280,155 +435,136 @@ fn skinny_gemm_kernel<F: Float, N: Size>(
     #[comptime] planes: usize,
     #[comptime] row_tiles: usize,
     #[comptime] steps: usize,
-    #[comptime] prefetch: bool,
+    #[comptime] stages: usize,
     #[comptime] hardware: bool,
     #[comptime] split: bool,
     #[comptime] has_bias: bool,
     #[comptime] swiglu: bool,
     #[comptime] accumulate: bool,
 ) {
-    let vecs_per_8 = comptime![8 / vec];
     let per_step = comptime![K_STEP / vec];
     let k_vecs = k_steps * per_step;
     let units = comptime![planes * WARP];
+    let chunk = comptime![steps * per_step];
+    let w_rows = comptime![16 * planes * row_tiles];
     let x_rows = comptime![8 * m_tiles];
-    // Rows of a chunk in shared memory: one step's worth of padding keeps the lanes of a
-    // 16-byte load phase (two rows, four lanes each) on distinct banks.
-    let stride = comptime![(steps + 1) * K_STEP / vec];
-    let buf = comptime![x_rows * stride];
-    let mut x_s = SharedMemory::<Vector<F, N>>::new_aligned(2 * buf, 16usize);
+    let ring = comptime![Ring {
+        chunk,
+        per_step,
+        vecs_per_8: 8 / vec,
+        w_rows,
+        x_rows,
+        units,
+        w_slots: w_rows * chunk / units,
+        x_slots: (x_rows * chunk).div_ceil(units),
+        stage: (w_rows + x_rows) * chunk,
+    }];
+    let mut ring_s =
+        SharedMemory::<Vector<F, N>>::new_aligned(comptime![stages * ring.stage], 16usize);
     let mut scratch = SharedMemory::<f32>::new(comptime![if hardware { 1 } else { planes * 384 }]);
+    let mut ready = Sequence::<Shared<Barrier>>::new();
+    if comptime![hardware] {
+        #[unroll]
+        for _ in 0..stages {
+            ready.push(Barrier::shared(CUBE_DIM, UNIT_POS == 0));
+        }
+    }
 
-    let lane = UNIT_POS as usize % WARP;
-    let plane = UNIT_POS as usize / WARP;
-    let (g, t) = (lane / 4, lane % 4);
     // SwiGLU: the first half of a plane's tiles are gate rows, the rest the up rows `n_out`
     // below them.
     let halves = comptime![if swiglu { 2usize } else { 1usize }];
     let tiles_per_half = comptime![row_tiles / halves];
-    // The plane's first 16-row tile (of each half), and the vector offsets of the lane's
-    // weight rows g and g + 8 of each tile (clamped in bounds: rows past `n_out` are read but
-    // never stored).
-    let first_tile = (CUBE_POS_X as usize * planes + plane) * tiles_per_half;
-    let mut w_at = Array::<usize>::new(comptime![2 * row_tiles]);
-    #[unroll]
-    for r in 0..row_tiles {
-        let tile = first_tile + r % tiles_per_half;
-        #[unroll]
-        for h in 0..2usize {
-            let row = usize::min(tile * 16 + g + 8 * h, n_out - 1) + (r / tiles_per_half) * n_out;
-            w_at[2 * r + h] = row * k_vecs + t * vecs_per_8;
-        }
-    }
     let span = Span {
         s0: CUBE_POS_Y as usize * split_steps,
         s1: usize::min((CUBE_POS_Y as usize + 1) * split_steps, k_steps),
     };
+    // The unit's copy sources at `k = 0`: its rows (clamped in bounds: weight rows past `n_out`
+    // and x rows past `m` are read but never stored), vector `UNIT_POS % chunk`.
+    let c = UNIT_POS as usize % chunk;
+    let row0 = UNIT_POS as usize / chunk;
+    let mut w_src = Array::<usize>::new(ring.w_slots);
+    #[unroll]
+    for i in 0..ring.w_slots {
+        let lr = row0 + i * (units / chunk);
+        let (plane, r) = (lr / (16 * row_tiles), (lr / 16) % row_tiles);
+        let tile = (CUBE_POS_X as usize * planes + plane) * tiles_per_half + r % tiles_per_half;
+        let row = usize::min(tile * 16 + lr % 16, n_out - 1) + (r / tiles_per_half) * n_out;
+        w_src[i] = row * k_vecs + c;
+    }
+    let mut x_src = Array::<usize>::new(ring.x_slots);
+    #[unroll]
+    for i in 0..ring.x_slots {
+        x_src[i] = usize::min(row0 + i * (units / chunk), m - 1) * k_vecs + c;
+    }
 
     let mut acc = Array::<Pair<f32>>::new(comptime![row_tiles * m_tiles * 2]);
     #[unroll]
     for i in 0..comptime![row_tiles * m_tiles * 2] {
         acc[i] = Vector::new(0.0);
     }
-    let mut xr =
-        Array::<Vector<F, N>>::new(comptime![(x_rows * steps * K_STEP / vec).div_ceil(units)]);
-    load_x::<F, N>(
-        x, &mut xr, span.s0, span, m, k_vecs, x_rows, steps, units, vec,
-    );
-    store_x::<F, N>(&xr, &mut x_s, 0, x_rows, steps, units, stride, vec);
-    sync_cube();
-
-    // The weight values of a chunk; with `prefetch`, a second set holds the next chunk's,
-    // whose loads are in flight while this chunk's products run.
-    let w_buf = comptime![2 * row_tiles * steps * vecs_per_8];
-    let mut wv = Array::<Vector<F, N>>::new(comptime![if prefetch { 2 * w_buf } else { w_buf }]);
-    if comptime![prefetch] {
-        load_w::<F, N>(w, &mut wv, 0, &w_at, span.s0, span, row_tiles, steps, vec);
+    // The first `stages − 1` chunks in flight, then per chunk: the one `stages − 1` ahead
+    // queued into the stage the previous chunk used, this one awaited and multiplied, and a
+    // cube barrier before its stage is refilled.
+    #[unroll]
+    for st in 0..comptime![stages - 1] {
+        let s = span.s0 + st * steps;
+        issue::<F, N>(
+            w,
+            x,
+            &mut ring_s,
+            &w_src,
+            &x_src,
+            s,
+            span,
+            st,
+            ring,
+            hardware,
+        );
+        stage_barrier(&ready, st, stages, hardware, false);
     }
     let mut s = span.s0;
-    let mut cur = 0usize;
+    let mut st = 0usize;
     while s < span.s1 {
-        let next = s + steps;
-        if comptime![prefetch] {
-            if next < span.s1 {
-                load_w::<F, N>(w, &mut wv, w_buf, &w_at, next, span, row_tiles, steps, vec);
-            }
-        } else {
-            load_w::<F, N>(w, &mut wv, 0, &w_at, s, span, row_tiles, steps, vec);
-        }
-        if next < span.s1 {
-            load_x::<F, N>(x, &mut xr, next, span, m, k_vecs, x_rows, steps, units, vec);
-        }
-        #[unroll]
-        for j in 0..steps {
-            if s + j < span.s1 {
-                // The lane's 8 values of each x row 8·mt + g at this step: B fragments for
-                // both k16 halves.
-                let mut xb = Array::<Vector<F, N>>::new(comptime![m_tiles * vecs_per_8]);
-                #[unroll]
-                for mt in 0..m_tiles {
-                    #[unroll]
-                    for v in 0..vecs_per_8 {
-                        xb[mt * vecs_per_8 + v] = x_s
-                            [cur * buf + (8 * mt + g) * stride + j * per_step + t * vecs_per_8 + v];
-                    }
-                }
-                // Consecutive products go to different accumulators (a product's result is
-                // needed again only 2·m_tiles·row_tiles products later).
-                #[unroll]
-                for half in 0..2usize {
-                    #[unroll]
-                    for mt in 0..m_tiles {
-                        let mut b = Array::<Pair<F>>::new(2usize);
-                        b[0] = pair_of::<F, N>(&xb, mt * vecs_per_8, 4 * half);
-                        b[1] = pair_of::<F, N>(&xb, mt * vecs_per_8, 4 * half + 2);
-                        #[unroll]
-                        for r in 0..row_tiles {
-                            let lo = (2 * r * steps + j) * vecs_per_8;
-                            let hi = ((2 * r + 1) * steps + j) * vecs_per_8;
-                            let mut a = Array::<Pair<F>>::new(4usize);
-                            a[0] = pair_of::<F, N>(&wv, lo, 4 * half);
-                            a[1] = pair_of::<F, N>(&wv, hi, 4 * half);
-                            a[2] = pair_of::<F, N>(&wv, lo, 4 * half + 2);
-                            a[3] = pair_of::<F, N>(&wv, hi, 4 * half + 2);
-                            let mut c = Array::<Pair<f32>>::new(2usize);
-                            let at = (r * m_tiles + mt) * 2;
-                            c[0] = acc[at];
-                            c[1] = acc[at + 1];
-                            mma::<F>(&a, &b, &mut c, &mut scratch, hardware);
-                            acc[at] = c[0];
-                            acc[at + 1] = c[1];
-                        }
-                    }
-                }
-            }
-        }
-        if next < span.s1 {
-            // The other buffer was last read in the previous chunk, behind its closing barrier.
-            store_x::<F, N>(
-                &xr,
-                &mut x_s,
-                (1 - cur) * buf,
-                x_rows,
-                steps,
-                units,
-                stride,
-                vec,
-            );
-        }
+        let ahead = (st + comptime![stages - 1]) % stages;
+        let s_ahead = s + comptime![(stages - 1) * steps];
+        issue::<F, N>(
+            w,
+            x,
+            &mut ring_s,
+            &w_src,
+            &x_src,
+            s_ahead,
+            span,
+            ahead,
+            ring,
+            hardware,
+        );
+        stage_barrier(&ready, ahead, stages, hardware, false);
+        stage_barrier(&ready, st, stages, hardware, true);
+        multiply::<F, N>(
+            &ring_s,
+            &mut acc,
+            &mut scratch,
+            s,
+            span,
+            st,
+            ring,
+            m_tiles,
+            row_tiles,
+            steps,
+            hardware,
+        );
         sync_cube();
-        if comptime![prefetch] {
-            #[unroll]
-            for i in 0..w_buf {
-                wv[i] = wv[w_buf + i];
-            }
-        }
-        cur = 1 - cur;
-        s = next;
+        s += steps;
+        st = (st + 1) % stages;
     }
 
     // Lane (g, t) holds weight rows g, g + 8 of each tile at x rows 8·mt + 2t, + 1.
-    let w_rows = halves * n_out;
+    let lane = UNIT_POS as usize % WARP;
+    let plane = UNIT_POS as usize / WARP;
+    let (g, t) = (lane / 4, lane % 4);
+    let first_tile = (CUBE_POS_X as usize * planes + plane) * tiles_per_half;
+    let w_total = halves * n_out;
     #[unroll]
     for r in 0..comptime![if split { row_tiles } else { tiles_per_half }] {
         let tile = first_tile + r % tiles_per_half;
@@ -444,7 +580,7 @@ fn skinny_gemm_kernel<F: Float, N: Size>(
                         let v = acc[(r * m_tiles + mt) * 2 + h][e];
                         if comptime![split] {
                             let wr = col + (r / tiles_per_half) * n_out;
-                            partial[(CUBE_POS_Y as usize * m + row) * w_rows + wr] = v;
+                            partial[(CUBE_POS_Y as usize * m + row) * w_total + wr] = v;
                         } else {
                             let mut up = f32::new(0.0);
                             if comptime![swiglu] {
@@ -494,6 +630,44 @@ fn reduce_kernel<F: Float>(
     }
 }
 
+/// `K_STEP`s per split for about `splits` splits (whole chunks; at least a ring's worth).
+fn steps_per_split(k_steps: usize, splits: usize, tuning: Tuning) -> usize {
+    let max_splits = k_steps.div_ceil(tuning.stages * tuning.chunk_steps).max(1);
+    k_steps
+        .div_ceil(splits.clamp(1, max_splits))
+        .div_ceil(tuning.chunk_steps)
+        * tuning.chunk_steps
+}
+
+/// The `K_STEP`s per split with the least estimated time: every wave of cubes costs as if it
+/// filled all `slots` (a wave's last cubes set its length) plus a pipeline fill, and every
+/// split past the first writes and reads back `outputs` f32 partial sums (a 64-row product of
+/// k = 4096 adds 6 % of the weight's bytes per split).
+fn best_split(
+    k_steps: usize,
+    row_blocks: usize,
+    slots: usize,
+    w_bytes: usize,
+    outputs: usize,
+    tuning: Tuning,
+) -> usize {
+    // About what the device reads while a cube's pipeline fills (1 µs at 4 TB/s).
+    const FILL_BYTES: f64 = 4e6;
+    let cost = |split_steps: usize| {
+        let splits = k_steps.div_ceil(split_steps);
+        let cubes = row_blocks * splits;
+        let waves = cubes.div_ceil(slots);
+        let partial = if splits > 1 { splits * outputs * 8 } else { 0 };
+        let bytes = (w_bytes + partial) as f64;
+        waves as f64 * (bytes * slots as f64 / cubes as f64 + FILL_BYTES)
+    };
+    let max_splits = k_steps.div_ceil(tuning.stages * tuning.chunk_steps).max(1);
+    (1..=max_splits)
+        .map(|s| steps_per_split(k_steps, s, tuning))
+        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)).then(b.cmp(&a)))
+        .unwrap_or(k_steps)
+}
+
 /// `y` `[m, n]` = `x` `[m, k]` · `w` `[n, k]`ᵀ with `epilogue` (`w` `[2·n, k]` for SwiGLU), on
 /// tensor cores where [`supported`], else through the emulated `mma` (for tests).
 #[allow(clippy::too_many_arguments)]
@@ -512,30 +686,32 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
         planes,
         row_tiles,
         chunk_steps,
-        prefetch,
+        stages,
         splits,
     } = tuning;
     assert!(
-        m <= MAX_ROWS && k.is_multiple_of(K_STEP),
-        "skinny GEMM shape m {m} k {k}"
+        m <= MAX_ROWS && k.is_multiple_of(K_STEP) && stages >= 2 && chunk_steps % 2 == 0,
+        "skinny GEMM shape m {m} k {k}, {tuning:?}"
     );
     let v = vector_size(client, size_of::<F>(), 8);
     let hardware = has_tensor_cores::<R, F>(client);
+    let hw = &client.properties().hardware;
+    let shared = tuning.shared_bytes(m, size_of::<F>(), hardware);
+    assert!(
+        shared <= hw.max_shared_memory_size,
+        "skinny GEMM {tuning:?} at {m} rows takes {shared} bytes of shared memory, the device gives {}",
+        hw.max_shared_memory_size
+    );
     let halves = if epilogue.swiglu { 2 } else { 1 };
     let row_blocks = n.div_ceil(16 * planes * row_tiles / halves);
     let k_steps = k / K_STEP;
-    // Enough cubes to keep every SM streaming; each split at least two chunks long.
-    let sms = client
-        .properties()
-        .hardware
-        .num_streaming_multiprocessors
-        .unwrap_or(1) as usize;
-    let wanted = splits.unwrap_or_else(|| (2 * sms).div_ceil(row_blocks));
-    let max_splits = k_steps.div_ceil(2 * chunk_steps).max(1);
-    let split_steps = k_steps
-        .div_ceil(wanted.clamp(1, max_splits))
-        .div_ceil(chunk_steps)
-        * chunk_steps;
+    let sms = hw.num_streaming_multiprocessors.unwrap_or(1) as usize;
+    let slots = sms * tuning.cubes_per_sm(m, shared, hw.max_shared_memory_size);
+    let w_bytes = halves * n * k * size_of::<F>();
+    let split_steps = match splits {
+        Some(s) => steps_per_split(k_steps, s, tuning),
+        None => best_split(k_steps, row_blocks, slots, w_bytes, m * halves * n, tuning),
+    };
     let splits = k_steps.div_ceil(split_steps);
     let split = splits > 1;
     let w_rows = halves * n;
@@ -543,7 +719,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     let arr = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
     // Unread without a bias: any valid buffer will do.
     let bias = epilogue.bias.unwrap_or(y);
-    // Every index stays in bounds (weight rows are clamped, stores guarded; the tests and
+    // Every index stays in bounds (weight and x rows are clamped, stores guarded; the tests and
     // compute-sanitizer check it), so the launch skips CubeCL's per-access bounds checks.
     unsafe {
         skinny_gemm_kernel::launch_unchecked::<F, R>(
@@ -565,7 +741,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
             planes,
             row_tiles,
             chunk_steps,
-            prefetch,
+            stages,
             hardware,
             split,
             epilogue.bias.is_some(),
@@ -648,25 +824,27 @@ mod tests {
         );
     }
 
+    // lavapipe gives a cube 32 KiB of shared memory (f32 stages of 64 values take 256 bytes a
+    // row) and compiles the emulated `mma` slowly (two barriers each, all unrolled): a plane's
+    // tiles times the column tiles stay at two.
+
+    /// One plane of two tiles, a ring of three stages (it wraps around within a split).
     const SMALL: Tuning = Tuning {
-        planes: 2,
+        planes: 1,
         row_tiles: 2,
         chunk_steps: 2,
-        prefetch: true,
+        stages: 3,
         splits: None,
     };
 
-    /// Planes of one weight tile (the spread past 16 rows).
+    /// Planes of one weight tile.
     const ONE_TILE: Tuning = Tuning {
-        planes: 3,
+        planes: 2,
         row_tiles: 1,
         chunk_steps: 2,
-        prefetch: false,
+        stages: 2,
         splits: None,
     };
-
-    // lavapipe compiles the emulated `mma` slowly (two barriers each, all unrolled): a plane's
-    // tiles times the column tiles stay at two.
     #[test]
     fn ragged_rows_and_columns() {
         for (m, n, k) in [(2, 64, 64), (5, 40, 96)] {
@@ -693,6 +871,28 @@ mod tests {
         check::<f32>(4, 40, 128, (true, false, false), SMALL, 1e-5);
         check::<f32>(4, 40, 128, (false, true, false), SMALL, 1e-5);
         check::<f32>(4, 40, 128, (false, false, true), SMALL, 1e-5);
+    }
+
+    /// The split that fills the H200's 132 SMs (one 8-plane cube each) in one wave, not the
+    /// next count up that spills into a second: Llama-3.1-8B's O (16 blocks of 256 rows) and
+    /// down (k = 14336) at 64 rows, and none for the lm_head's 501 blocks.
+    #[test]
+    fn splits_fill_one_wave() {
+        let t = Tuning {
+            planes: 8,
+            row_tiles: 2,
+            chunk_steps: 2,
+            stages: 3,
+            splits: None,
+        };
+        let splits = |k: usize, n: usize| {
+            let k_steps = k / K_STEP;
+            let blocks = n.div_ceil(256);
+            k_steps.div_ceil(best_split(k_steps, blocks, 132, n * k * 2, 64 * n, t))
+        };
+        assert_eq!(splits(4096, 4096), 8);
+        assert_eq!(splits(14336, 4096), 8);
+        assert_eq!(splits(4096, 128256), 1);
     }
 
     #[test]

@@ -310,7 +310,7 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
         n: usize,
         epilogue: skinny_gemm::Epilogue,
     ) {
-        let tuning = skinny_gemm::Tuning::for_rows(rows, epilogue.swiglu);
+        let tuning = skinny_gemm::Tuning::for_device::<R, F>(&self.client, rows, epilogue.swiglu);
         let (cl, k) = (&self.client, p.inp);
         skinny_gemm::launch::<R, F>(cl, x, &p.w, y, rows, n, k, epilogue, tuning);
     }
