@@ -6,7 +6,7 @@
 //! folded in (+bias) → [Q/K RMSNorm] → paged attention with RoPE and the KV write folded in
 //! (reading the fused rows; + its merge at longer contexts) → O GEMV adding into the residual
 //! stream → gate-up GEMV with the RMSNorm folded in and SiLU·mul → down GEMV adding into the
-//! residual stream. At 2–64 rows on tensor cores the skinny GEMM takes the GEMVs' place (SwiGLU
+//! residual stream. At 3–64 rows on tensor cores the skinny GEMM takes the GEMVs' place (SwiGLU
 //! and the residual add in its epilogue, each norm a launch of its own, a second launch where
 //! `k` is split). Steps with prompt chunks run RoPE + KV write as a kernel of its own. Larger
 //! batches run a fused add+RMSNorm kernel before cubek's GEMMs.
@@ -39,10 +39,10 @@ use crate::runner::{Forward, Readback, StepOutput};
 /// Which kernel runs a projection, by the rows of the batch.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Path {
-    /// The GEMV (one row, or up to its tile where the skinny GEMM does not run): RMSNorm,
+    /// The GEMV (one or two rows, or up to its tile where the skinny GEMM does not run): RMSNorm,
     /// SwiGLU and the residual add folded in.
     Gemv,
-    /// The tensor-core skinny GEMM (2–64 rows): SwiGLU and the residual add folded in, the
+    /// The tensor-core skinny GEMM (3–64 rows): SwiGLU and the residual add folded in, the
     /// norm a launch of its own.
     Skinny,
     /// cubek's GEMM, with norm, SiLU·mul and residual add as launches of their own.
@@ -288,9 +288,11 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
         &self.config
     }
 
-    /// The kernel for `rows` rows of `k` inputs.
+    /// The kernel for `rows` rows of `k` inputs. Two rows stay on the GEMV: on the H200 its
+    /// gate-up and lm_head ran 81 and 263 µs there against the skinny GEMM's 104 and 348
+    /// (benches/RESULTS.md), from 4 rows on the skinny GEMM wins.
     fn path(&self, rows: usize, k: usize) -> Path {
-        if rows > 1 && skinny_gemm::supported::<R, F>(&self.client, rows, k) {
+        if rows > 2 && skinny_gemm::supported::<R, F>(&self.client, rows, k) {
             Path::Skinny
         } else if rows <= gemv::M_TILE {
             Path::Gemv
