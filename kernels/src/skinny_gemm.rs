@@ -91,9 +91,10 @@ impl Tuning {
         tuning
     }
 
-    /// Cubes of this spread an SM holds at once, by its shared memory (`shared` bytes a cube of
-    /// `limit` a cube at most, about an SM's) and by an estimate of the registers (ptxas on
-    /// sm_90: 62–66 at one or two column tiles, 96 at four, 142 at eight, two row tiles).
+    /// Cubes of this spread an SM holds at once, by shared memory (a cube takes `shared` bytes;
+    /// `limit`, the most one cube may take, stands for the SM's) and by an estimate of the
+    /// registers (ptxas on sm_90, two row tiles: 54–66 at one or two column tiles, 96 at four,
+    /// 142 at eight).
     fn cubes_per_sm(&self, m: usize, shared: usize, limit: usize) -> usize {
         let units = self.planes * WARP;
         let regs = 64 + 5 * self.row_tiles * m.div_ceil(8);
