@@ -302,7 +302,7 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
     }
 
     /// `y` `[rows, n]` from `x` `[rows, p.inp]` and `p`'s weight on the skinny GEMM, with
-    /// `epilogue` and the spread measured best for that many rows.
+    /// `epilogue` and the device's spread for that many rows (`Tuning::for_device`).
     fn skinny(
         &self,
         x: &Handle,
