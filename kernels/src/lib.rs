@@ -7,6 +7,7 @@ pub mod deferred_tokens;
 pub mod embedding;
 pub mod gemv;
 pub mod matmul;
+pub(crate) mod mma;
 pub mod paged_decode_attention;
 pub mod prefill_attention;
 pub mod reduce;

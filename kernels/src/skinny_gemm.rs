@@ -27,10 +27,11 @@
 //! (the CPU CI's lavapipe) run the same kernel with each `mma` emulated through shared memory
 //! and plain copies into the stages, which needs no particular plane size.
 
-use cubecl::frontend::barrier::{copy_async, Barrier};
+use cubecl::frontend::barrier::Barrier;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use crate::mma::{copy_vec, mma, pair_of, stage_barrier, Pair, EMULATION_SCRATCH, WARP};
 use crate::prefill_attention::has_tensor_cores;
 use crate::vector::vector_size;
 
@@ -38,11 +39,6 @@ use crate::vector::vector_size;
 pub const MAX_ROWS: usize = 64;
 /// `k` must be a multiple of this: one `mma` pair (two k16 steps) per lane read.
 pub const K_STEP: usize = 32;
-/// Units of the `mma` tile layout.
-const WARP: usize = 32;
-
-/// Two bf16/f16 values: one register of an `mma` fragment.
-type Pair<E> = Vector<E, Const<2>>;
 
 /// How the work is spread: planes per cube, 16-row weight tiles per plane (even for SwiGLU:
 /// half gate rows, half the matching up rows), `K_STEP`s per stage (even), stages in the ring
@@ -107,7 +103,11 @@ impl Tuning {
     /// (and the emulated `mma`'s scratch without tensor cores).
     fn shared_bytes(&self, m: usize, elem: usize, hardware: bool) -> usize {
         let rows = 16 * self.planes * self.row_tiles + 8 * m.div_ceil(8);
-        let scratch = if hardware { 0 } else { self.planes * 384 * 4 };
+        let scratch = if hardware {
+            0
+        } else {
+            self.planes * EMULATION_SCRATCH * 4
+        };
         self.stages * rows * self.chunk_steps * K_STEP * elem + scratch
     }
 }
@@ -166,64 +166,6 @@ fn finish<F: Float>(
         v += f32::cast_from(y[at]);
     }
     F::cast_from(v)
-}
-
-/// Elements `e` and `e + 1` of the 8 consecutive values held as `8 / N` vectors from `at`.
-#[cube]
-fn pair_of<F: Float, N: Size>(v: &Array<Vector<F, N>>, at: usize, #[comptime] e: usize) -> Pair<F> {
-    let n = N::value();
-    let mut p = Pair::<F>::new(F::new(0.0));
-    p[0] = v[at + e / n][e % n];
-    p[1] = v[at + (e + 1) / n][(e + 1) % n];
-    p
-}
-
-/// `c += a · b` for one m16n8k16 tile: the tensor-core instruction, or (no tensor cores) the
-/// same product through shared memory by the 32-unit group, in `mma`'s register layout (lane
-/// (g, t) holds A rows g, g + 8 at k 2t, 2t + 1 / + 8, B column g at the same k, C rows g, g + 8
-/// at columns 2t, 2t + 1). The emulation syncs the cube: every unit must reach it.
-#[cube]
-fn mma<F: Float>(
-    a: &Array<Pair<F>>,
-    b: &Array<Pair<F>>,
-    c: &mut Array<Pair<f32>>,
-    scratch: &mut SharedMemory<f32>,
-    #[comptime] hardware: bool,
-) {
-    if comptime![hardware] {
-        let def = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
-        def.execute_inplace(a, b, c);
-    } else {
-        let lane = UNIT_POS as usize % WARP;
-        let (g, t) = (lane / 4, lane % 4);
-        // A 16×16 row-major, then B 16×8 (k-major), per 32-unit group.
-        let base = (UNIT_POS as usize / WARP) * 384;
-        #[unroll]
-        for e in 0..2usize {
-            scratch[base + g * 16 + 2 * t + e] = f32::cast_from(a[0][e]);
-            scratch[base + (g + 8) * 16 + 2 * t + e] = f32::cast_from(a[1][e]);
-            scratch[base + g * 16 + 2 * t + 8 + e] = f32::cast_from(a[2][e]);
-            scratch[base + (g + 8) * 16 + 2 * t + 8 + e] = f32::cast_from(a[3][e]);
-            scratch[base + 256 + (2 * t + e) * 8 + g] = f32::cast_from(b[0][e]);
-            scratch[base + 256 + (2 * t + 8 + e) * 8 + g] = f32::cast_from(b[1][e]);
-        }
-        sync_cube();
-        #[unroll]
-        for h in 0..2usize {
-            let mut acc = c[h];
-            #[unroll]
-            for e in 0..2usize {
-                let mut s = f32::new(0.0);
-                for p in 0..16usize {
-                    s += scratch[base + (g + 8 * h) * 16 + p]
-                        * scratch[base + 256 + p * 8 + 2 * t + e];
-                }
-                acc[e] += s;
-            }
-            c[h] = acc;
-        }
-        sync_cube();
-    }
 }
 
 /// The shape of a stage, all comptime: `chunk` vectors per row (`steps` `K_STEP`s), `w_rows`
@@ -296,54 +238,6 @@ fn issue<F: Float, N: Size>(
                 copy_vec::<F, N>(x, x_src[i] + off, ring_s, dst, vec, hardware);
             }
         }
-    }
-}
-
-/// One vector from global memory into the ring: `cp.async`, or a plain load and store.
-#[cube]
-fn copy_vec<F: Float, N: Size>(
-    src: &Array<Vector<F, N>>,
-    at: usize,
-    ring_s: &mut SharedMemory<Vector<F, N>>,
-    dst: usize,
-    #[comptime] vec: usize,
-    #[comptime] hardware: bool,
-) {
-    if comptime![hardware] {
-        copy_async(
-            &src.slice(at, at + 1),
-            &mut ring_s.slice_mut(dst, dst + 1),
-            vec as u32,
-        );
-    } else {
-        ring_s[dst] = src[at];
-    }
-}
-
-/// Stage `st`'s mbarrier (a comptime sequence, so found by a uniform branch): with `wait`, the
-/// stage's copies done, the unit's and the cube's (plain copies: a cube barrier); without, the
-/// unit's copies queued so far marked as the stage's, its current phase also waiting for them.
-#[cube]
-fn stage_barrier(
-    ready: &Sequence<Shared<Barrier>>,
-    st: usize,
-    #[comptime] stages: usize,
-    #[comptime] hardware: bool,
-    #[comptime] wait: bool,
-) {
-    if comptime![hardware] {
-        #[unroll]
-        for i in 0..stages {
-            if st == i {
-                if comptime![wait] {
-                    ready.index(i).arrive_and_wait();
-                } else {
-                    ready.index(i).commit_copy_async();
-                }
-            }
-        }
-    } else if comptime![wait] {
-        sync_cube();
     }
 }
 
@@ -462,7 +356,11 @@ fn skinny_gemm_kernel<F: Float, N: Size>(
     }];
     let mut ring_s =
         SharedMemory::<Vector<F, N>>::new_aligned(comptime![stages * ring.stage], 16usize);
-    let mut scratch = SharedMemory::<f32>::new(comptime![if hardware { 1 } else { planes * 384 }]);
+    let mut scratch = SharedMemory::<f32>::new(comptime![if hardware {
+        1
+    } else {
+        planes * EMULATION_SCRATCH
+    }]);
     let mut ready = Sequence::<Shared<Barrier>>::new();
     if comptime![hardware] {
         #[unroll]

@@ -1,0 +1,126 @@
+//! What the tensor-core kernels share: `mma` (m16n8k16, f32 accumulation) on register
+//! fragments, emulated through shared memory where the device lacks the instruction (the CPU
+//! CI's lavapipe), and a ring of shared-memory stages filled by async copies (`cp.async`, one
+//! mbarrier per stage) or, without tensor cores, by plain copies.
+
+use cubecl::frontend::barrier::{copy_async, Barrier};
+use cubecl::prelude::*;
+
+/// Units of the `mma` tile layout.
+pub(crate) const WARP: usize = 32;
+
+/// Two bf16/f16 values: one register of an `mma` fragment.
+pub(crate) type Pair<E> = Vector<E, Const<2>>;
+
+/// Shared f32 scratch the emulated `mma` takes per 32-unit group.
+pub(crate) const EMULATION_SCRATCH: usize = 384;
+
+/// Elements `e` and `e + 1` of the 8 consecutive values held as `8 / N` vectors from `at`.
+#[cube]
+pub(crate) fn pair_of<F: Float, N: Size>(
+    v: &Array<Vector<F, N>>,
+    at: usize,
+    #[comptime] e: usize,
+) -> Pair<F> {
+    let n = N::value();
+    let mut p = Pair::<F>::new(F::new(0.0));
+    p[0] = v[at + e / n][e % n];
+    p[1] = v[at + (e + 1) / n][(e + 1) % n];
+    p
+}
+
+/// `c += a · b` for one m16n8k16 tile: the tensor-core instruction, or (no tensor cores) the
+/// same product through shared memory by the 32-unit group, in `mma`'s register layout (lane
+/// (g, t) holds A rows g, g + 8 at k 2t, 2t + 1 / + 8, B column g at the same k, C rows g, g + 8
+/// at columns 2t, 2t + 1). The emulation syncs the cube: every unit must reach it.
+#[cube]
+pub(crate) fn mma<F: Float>(
+    a: &Array<Pair<F>>,
+    b: &Array<Pair<F>>,
+    c: &mut Array<Pair<f32>>,
+    scratch: &mut SharedMemory<f32>,
+    #[comptime] hardware: bool,
+) {
+    if comptime![hardware] {
+        let def = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+        def.execute_inplace(a, b, c);
+    } else {
+        let lane = UNIT_POS as usize % WARP;
+        let (g, t) = (lane / 4, lane % 4);
+        // A 16×16 row-major, then B 16×8 (k-major), per 32-unit group.
+        let base = (UNIT_POS as usize / WARP) * EMULATION_SCRATCH;
+        #[unroll]
+        for e in 0..2usize {
+            scratch[base + g * 16 + 2 * t + e] = f32::cast_from(a[0][e]);
+            scratch[base + (g + 8) * 16 + 2 * t + e] = f32::cast_from(a[1][e]);
+            scratch[base + g * 16 + 2 * t + 8 + e] = f32::cast_from(a[2][e]);
+            scratch[base + (g + 8) * 16 + 2 * t + 8 + e] = f32::cast_from(a[3][e]);
+            scratch[base + 256 + (2 * t + e) * 8 + g] = f32::cast_from(b[0][e]);
+            scratch[base + 256 + (2 * t + 8 + e) * 8 + g] = f32::cast_from(b[1][e]);
+        }
+        sync_cube();
+        #[unroll]
+        for h in 0..2usize {
+            let mut acc = c[h];
+            #[unroll]
+            for e in 0..2usize {
+                let mut s = f32::new(0.0);
+                for p in 0..16usize {
+                    s += scratch[base + (g + 8 * h) * 16 + p]
+                        * scratch[base + 256 + p * 8 + 2 * t + e];
+                }
+                acc[e] += s;
+            }
+            c[h] = acc;
+        }
+        sync_cube();
+    }
+}
+
+/// One vector from global memory into the ring: `cp.async`, or a plain load and store.
+#[cube]
+pub(crate) fn copy_vec<F: Float, N: Size>(
+    src: &Array<Vector<F, N>>,
+    at: usize,
+    ring_s: &mut SharedMemory<Vector<F, N>>,
+    dst: usize,
+    #[comptime] vec: usize,
+    #[comptime] hardware: bool,
+) {
+    if comptime![hardware] {
+        copy_async(
+            &src.slice(at, at + 1),
+            &mut ring_s.slice_mut(dst, dst + 1),
+            vec as u32,
+        );
+    } else {
+        ring_s[dst] = src[at];
+    }
+}
+
+/// Stage `st`'s mbarrier (a comptime sequence, so found by a uniform branch): with `wait`, the
+/// stage's copies done, the unit's and the cube's (plain copies: a cube barrier); without, the
+/// unit's copies queued so far marked as the stage's, its current phase also waiting for them.
+#[cube]
+pub(crate) fn stage_barrier(
+    ready: &Sequence<Shared<Barrier>>,
+    st: usize,
+    #[comptime] stages: usize,
+    #[comptime] hardware: bool,
+    #[comptime] wait: bool,
+) {
+    if comptime![hardware] {
+        #[unroll]
+        for i in 0..stages {
+            if st == i {
+                if comptime![wait] {
+                    ready.index(i).arrive_and_wait();
+                } else {
+                    ready.index(i).commit_copy_async();
+                }
+            }
+        }
+    } else if comptime![wait] {
+        sync_cube();
+    }
+}
