@@ -12,6 +12,7 @@ use kiln_kernels::cubecl::cuda::{CudaDevice, CudaRuntime};
 use kiln_kernels::cubecl::future::block_on;
 use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::Handle;
+use kiln_kernels::decode_attention_tiles::Tiles;
 use kiln_kernels::{
     argmax, embedding, gemv, matmul, paged_decode_attention as pda, prefill_attention as pfa,
     rms_norm, rope_kv_write, sample, silu_mul, skinny_gemm,
@@ -270,7 +271,59 @@ fn bench_decode_attention(b: &mut Bench) {
         &[(1, 8192), (1, 32768), (16, 2048), (64, 1000)]
     };
     for &(tokens, ctx) in shapes {
-        decode_attention_case(b, tokens, ctx, &[None]);
+        decode_attention_case(b, tokens, ctx, &[Attn::Default]);
+    }
+}
+
+/// How a decode-attention case runs: the device's choice, the one-key-per-unit kernel (keys per
+/// split, units per cube, units per key), or the tile kernel (spread, keys per split).
+#[derive(Clone, Copy)]
+enum Attn {
+    Default,
+    Lanes(usize, usize, usize),
+    Tiles(Tiles, usize),
+}
+
+/// Both split kernels side by side from one sequence to 64: the one-key-per-unit kernel at its
+/// rule's split, the tile kernel at its rule's split for several spreads, and at fixed splits.
+fn sweep_decode_tiles(b: &mut Bench) {
+    let sms = b
+        .client
+        .properties()
+        .hardware
+        .num_streaming_multiprocessors
+        .unwrap_or(1) as usize;
+    let spreads =
+        [(4, 2), (4, 3), (2, 3), (2, 4), (8, 2)].map(|(planes, stages)| Tiles { planes, stages });
+    let cases = [
+        (1, 516),
+        (1, 2048),
+        (1, 8192),
+        (1, 32768),
+        (4, 2048),
+        (16, 576),
+        (16, 2048),
+        (64, 576),
+        (64, 2048),
+    ];
+    for (tokens, ctx) in cases {
+        let lanes_split = pda::split_keys(tokens, 8, ctx);
+        let threads = pda::split_threads(lanes_split);
+        let mut configs = vec![Attn::Lanes(
+            lanes_split,
+            threads,
+            (threads / lanes_split).max(1),
+        )];
+        for spread in spreads {
+            configs.push(Attn::Tiles(
+                spread,
+                pda::tile_split_keys(tokens, 8, ctx, sms, spread),
+            ));
+        }
+        for split in [256, 512, 1024] {
+            configs.push(Attn::Tiles(spreads[0], split));
+        }
+        decode_attention_case(b, tokens, ctx, &configs);
     }
 }
 
@@ -334,7 +387,7 @@ fn bench_decode_attention_fresh(b: &mut Bench) {
             cos: &cos_h,
             sin: &sin_h,
         });
-        let ws = pda::Workspace::new(&b.client, tokens, kv_heads, heads, hd, ctx);
+        let ws = pda::Workspace::new::<R, bf16>(&b.client, tokens, kv_heads, heads, hd, ctx);
         let scale = 1.0 / (hd as f32).sqrt();
         let out = b.poisoned(tokens * q_width);
         let run = |b: &Bench| {
@@ -398,20 +451,17 @@ fn sweep_decode_attention(b: &mut Bench) {
     ];
     for ctx in [516, 2048, 8192, 32768] {
         let configs = if ctx <= 2048 { &short[..] } else { &long[..] };
-        let configs: Vec<_> = configs.iter().map(|&c| Some(c)).collect();
+        let configs: Vec<_> = configs
+            .iter()
+            .map(|&(keys, threads, lanes)| Attn::Lanes(keys, threads, lanes))
+            .collect();
         decode_attention_case(b, 1, ctx, &configs);
     }
 }
 
 /// `tokens` decode queries of about `ctx` keys each (Llama-3.1-8B heads), each over a shuffled
-/// set of blocks: checked, then timed once per (keys per split, units per cube, units per key)
-/// (`None`: the default).
-fn decode_attention_case(
-    b: &mut Bench,
-    tokens: usize,
-    ctx: usize,
-    splits: &[Option<(usize, usize, usize)>],
-) {
+/// set of blocks: checked, then timed once per configuration.
+fn decode_attention_case(b: &mut Bench, tokens: usize, ctx: usize, configs: &[Attn]) {
     let (kv_heads, group, head_dim, block_size) = (8usize, 4usize, 128usize, 16usize);
     let heads = kv_heads * group;
     let max_blocks = ctx.div_ceil(block_size);
@@ -447,14 +497,22 @@ fn decode_attention_case(
     let scale = 1.0 / (head_dim as f32).sqrt();
     let want = (tokens * ctx <= 64 * 1024 || tokens == 1)
         .then(|| pda::reference(shape, &q, &k, &v, &ids, &ctxs, scale));
-    for &split in splits {
-        let ws = match split {
-            Some((keys, threads, lanes)) => pda::Workspace {
+    for &config in configs {
+        let with_split =
+            |keys| pda::Workspace::with_split_keys(&b.client, tokens, heads, head_dim, ctx, keys);
+        let ws = match config {
+            Attn::Lanes(keys, threads, lanes) => pda::Workspace {
                 threads,
                 lanes,
-                ..pda::Workspace::with_split_keys(&b.client, tokens, heads, head_dim, ctx, keys)
+                ..with_split(keys)
             },
-            None => pda::Workspace::new(&b.client, tokens, kv_heads, heads, head_dim, ctx),
+            Attn::Tiles(spread, keys) => pda::Workspace {
+                tiles: Some(spread),
+                ..with_split(keys)
+            },
+            Attn::Default => {
+                pda::Workspace::new::<R, bf16>(&b.client, tokens, kv_heads, heads, head_dim, ctx)
+            }
         };
         let out = b.poisoned(q.len());
         let run = |b: &Bench| {
@@ -473,15 +531,22 @@ fn decode_attention_case(
                 f64::NAN
             }
         };
-        let secs = b.time(if split.is_some() { 50 } else { 20 }, |_| run(b));
+        let secs = b.time(if tokens * ctx < 100_000 { 50 } else { 20 }, |_| run(b));
         let keys: usize = ctxs.iter().map(|&c| c as usize).sum();
         let bytes = (keys * kv_heads * head_dim * 2 * 2) as f64;
-        let (name, desc) = match split {
-            Some((keys, threads, lanes)) => (
-                "decode attn (split)",
-                format!("split={keys} units={threads}x{lanes} tok=1 ctx={ctx}"),
+        let (name, desc) = match config {
+            Attn::Lanes(keys, threads, lanes) => (
+                "decode attn (lanes)",
+                format!("split={keys} units={threads}x{lanes} tok={tokens} ctx={ctx}"),
             ),
-            None => (
+            Attn::Tiles(t, keys) => (
+                "decode attn (tiles)",
+                format!(
+                    "split={keys} {}x{} tok={tokens} ctx={ctx}",
+                    t.planes, t.stages
+                ),
+            ),
+            Attn::Default => (
                 "paged_decode_attention",
                 format!("tok={tokens} ctx={ctx} kvh=8 g=4 d=128"),
             ),
@@ -1084,7 +1149,7 @@ fn main() {
     // $KILN_BENCH_ONLY (comma-separated names) runs a subset.
     let only = std::env::var("KILN_BENCH_ONLY").ok();
     type BenchFn = fn(&mut Bench);
-    let benches: [(&str, BenchFn); 15] = [
+    let benches: [(&str, BenchFn); 16] = [
         ("rms_norm", bench_rms_norm),
         ("silu_mul", bench_silu_mul),
         ("step_kernels", bench_step_kernels),
@@ -1096,6 +1161,7 @@ fn main() {
         ("decode_attention", bench_decode_attention),
         ("decode_attention_fresh", bench_decode_attention_fresh),
         ("sweep_decode_attention", sweep_decode_attention),
+        ("sweep_decode_tiles", sweep_decode_tiles),
         ("prefill_attention", bench_prefill_attention),
         ("sweep_matmul", sweep_matmul),
         ("skinny", bench_skinny),

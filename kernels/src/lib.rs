@@ -3,6 +3,7 @@
 //! run on CUDA in the engine and the GPU benchmarks.
 
 pub mod argmax;
+pub mod decode_attention_tiles;
 pub mod deferred_tokens;
 pub mod embedding;
 pub mod gemv;

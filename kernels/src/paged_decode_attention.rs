@@ -14,10 +14,16 @@
 //! Decode-only steps can fold RoPE and the KV write in ([`Query::Fresh`]): the cube rotates its
 //! queries as it loads them, and the cube whose split holds the new token rotates that token's
 //! key and writes it and its value into the caches before reading them back with the rest.
+//!
+//! Where many cubes make the work bandwidth-bound rather than latency-bound, the splits run on
+//! [`crate::decode_attention_tiles`] instead (tensor cores, K/V through a ring of async copies);
+//! both write the same partial sums for the same merge.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use crate::decode_attention_tiles::{self as tiles, Tiles};
+use crate::prefill_attention::has_tensor_cores;
 use crate::rope_kv_write::Projections;
 use crate::vector::vector_size;
 
@@ -42,6 +48,35 @@ const MAX_THREADS: usize = 512;
 const LANES_PER_KEY: usize = 4;
 /// Upper bound on planes per cube, for the reductions' shared memory (head_dim ≤ 256, plane ≥ 4).
 const MAX_PLANES: usize = 64;
+
+/// The tile kernel's spread: 4 planes (64 keys a stage), 2 stages in the ring (host-timed
+/// sweep on the H200 from 1 to 64 sequences, benches/RESULTS.md: best or within 5 % of the
+/// best of five spreads wherever the kernel streams K/V at more than a third of copy).
+const TILES: Tiles = Tiles {
+    planes: 4,
+    stages: 2,
+};
+
+/// Keys per split for the tile kernel: the longest (up to `MAX_SPLIT_KEYS`, at least two
+/// stages) that still gives 7/8 of the `sms` SMs a cube. Longer splits stream longer and merge
+/// less; a few idle SMs cost less than halving them (H200 sweep: one sequence of 8k keys
+/// 21.9 µs at 512-key splits (128 cubes) against 22.2 at 256 and 31.3 at 1,024; 16 of 576
+/// 17.5 at 1,024 (128 cubes) against 19.9 at 512).
+pub fn tile_split_keys(
+    tokens: usize,
+    kv_heads: usize,
+    max_context: usize,
+    sms: usize,
+    spread: Tiles,
+) -> usize {
+    let mut split = MAX_SPLIT_KEYS;
+    while split > 2 * spread.stage_keys()
+        && 8 * tokens * kv_heads * max_context.div_ceil(split) < 7 * sms
+    {
+        split /= 2;
+    }
+    split
+}
 
 /// Keys per split: long enough to amortise the merge, short enough to fill the device.
 pub fn split_keys(tokens: usize, kv_heads: usize, max_context: usize) -> usize {
@@ -80,7 +115,7 @@ pub struct Shape {
 /// Rotate-half RoPE of element `d` of a head whose elements are at `x[base..base + 2·half]`,
 /// at table row `pos` of the f32 cos/sin tables `[max_pos, half]`.
 #[cube]
-fn rotated<F: Float>(
+pub(crate) fn rotated<F: Float>(
     x: &Array<F>,
     base: usize,
     d: usize,
@@ -465,11 +500,15 @@ pub struct Workspace {
     pub threads: usize,
     /// Units per key in the scores phase (capped by the plane and a head's vectors).
     pub lanes: usize,
+    /// The splits run on the tensor-core tile kernel with this spread (`None`: one key per
+    /// unit).
+    pub tiles: Option<Tiles>,
 }
 
 impl Workspace {
-    /// Room for `tokens` decode tokens of up to `max_context` keys each.
-    pub fn new<R: Runtime>(
+    /// Room for `tokens` decode tokens of up to `max_context` keys each of `F`, and the
+    /// kernel and splits for them on this device.
+    pub fn new<R: Runtime, F: CubePrimitive>(
         client: &ComputeClient<R>,
         tokens: usize,
         kv_heads: usize,
@@ -477,8 +516,20 @@ impl Workspace {
         head_dim: usize,
         max_context: usize,
     ) -> Self {
-        let split_keys = split_keys(tokens, kv_heads, max_context);
-        Self::with_split_keys(client, tokens, heads, head_dim, max_context, split_keys)
+        let hw = &client.properties().hardware;
+        let sms = hw.num_streaming_multiprocessors.unwrap_or(1) as usize;
+        let tiled = has_tensor_cores::<R, F>(client)
+            && tiles::supported(heads / kv_heads, head_dim, hw.plane_size_min as usize);
+        if !tiled {
+            let split_keys = split_keys(tokens, kv_heads, max_context);
+            return Self::with_split_keys(client, tokens, heads, head_dim, max_context, split_keys);
+        }
+        let spread = TILES;
+        let split_keys = tile_split_keys(tokens, kv_heads, max_context, sms, spread);
+        Self {
+            tiles: Some(spread),
+            ..Self::with_split_keys(client, tokens, heads, head_dim, max_context, split_keys)
+        }
     }
 
     /// [`Workspace::new`] with the keys per split chosen by the caller (32 to 1,024; the
@@ -502,6 +553,7 @@ impl Workspace {
             split_keys,
             threads: split_threads(split_keys),
             lanes: (split_threads(split_keys) / split_keys).max(1),
+            tiles: None,
         }
     }
 }
@@ -595,39 +647,88 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     // rest), so the launches skip CubeCL's per-access bounds checks: at decode's sizes the
     // kernel is a chain of dependent instructions, and each check lengthens it.
     unsafe {
-        split_kernel::launch_unchecked::<F, R>(
-            client,
-            CubeCount::Static(tokens as u32, kv_heads as u32, ws.max_splits as u32),
-            CubeDim::new_1d(ws.threads as u32),
-            v,
-            arr(rows, tokens),
-            arr(q, len(q, size_of::<F>())),
-            arr(k_new, len(k_new, size_of::<F>())),
-            arr(v_new, len(v_new, size_of::<F>())),
-            arr(cos, len(cos, 4)),
-            arr(sin, len(sin, 4)),
-            arr(k_cache, cache_vecs),
-            arr(v_cache, cache_vecs),
-            arr(block_tables, tokens * max_blocks),
-            arr(context_lens, tokens),
-            arr(out, out_len),
-            arr(&ws.acc, n_part * head_dim),
-            arr(&ws.ml, n_part * 2),
-            scale,
-            q_stride,
-            kv_stride,
-            ws.max_splits,
-            max_blocks,
-            kv_heads,
-            group,
-            head_dim,
-            block_size,
-            ws.split_keys,
-            v,
-            ws.threads,
-            lanes,
-            fresh,
-        );
+        if let Some(spread) = ws.tiles {
+            let hardware = has_tensor_cores::<R, F>(client);
+            let hw = &client.properties().hardware;
+            let shared =
+                spread.shared_bytes(group, head_dim, ws.split_keys, size_of::<F>(), hardware);
+            assert!(
+                shared <= hw.max_shared_memory_size,
+                "decode attention {spread:?}: {shared} bytes of shared memory, the device gives {}",
+                hw.max_shared_memory_size
+            );
+            // 16-byte groups of 8 elements at most: the K rows' swizzle works on them.
+            let v8 = vector_size(client, size_of::<F>(), 8);
+            let cache_vecs = k_cache.size() as usize / size_of::<F>() / v8;
+            tiles::tile_kernel::launch_unchecked::<F, R>(
+                client,
+                CubeCount::Static(tokens as u32, kv_heads as u32, ws.max_splits as u32),
+                CubeDim::new_1d((spread.planes * crate::mma::WARP) as u32),
+                v8,
+                arr(rows, tokens),
+                arr(q, len(q, size_of::<F>())),
+                arr(k_new, len(k_new, size_of::<F>())),
+                arr(v_new, len(v_new, size_of::<F>())),
+                arr(cos, len(cos, 4)),
+                arr(sin, len(sin, 4)),
+                arr(k_cache, cache_vecs),
+                arr(v_cache, cache_vecs),
+                arr(block_tables, tokens * max_blocks),
+                arr(context_lens, tokens),
+                arr(out, out_len),
+                arr(&ws.acc, n_part * head_dim),
+                arr(&ws.ml, n_part * 2),
+                scale,
+                q_stride,
+                kv_stride,
+                ws.max_splits,
+                max_blocks,
+                kv_heads,
+                group,
+                head_dim,
+                block_size,
+                ws.split_keys,
+                v8,
+                spread.planes,
+                spread.stages,
+                fresh,
+                hardware,
+            );
+        } else {
+            split_kernel::launch_unchecked::<F, R>(
+                client,
+                CubeCount::Static(tokens as u32, kv_heads as u32, ws.max_splits as u32),
+                CubeDim::new_1d(ws.threads as u32),
+                v,
+                arr(rows, tokens),
+                arr(q, len(q, size_of::<F>())),
+                arr(k_new, len(k_new, size_of::<F>())),
+                arr(v_new, len(v_new, size_of::<F>())),
+                arr(cos, len(cos, 4)),
+                arr(sin, len(sin, 4)),
+                arr(k_cache, cache_vecs),
+                arr(v_cache, cache_vecs),
+                arr(block_tables, tokens * max_blocks),
+                arr(context_lens, tokens),
+                arr(out, out_len),
+                arr(&ws.acc, n_part * head_dim),
+                arr(&ws.ml, n_part * 2),
+                scale,
+                q_stride,
+                kv_stride,
+                ws.max_splits,
+                max_blocks,
+                kv_heads,
+                group,
+                head_dim,
+                block_size,
+                ws.split_keys,
+                v,
+                ws.threads,
+                lanes,
+                fresh,
+            );
+        }
         if ws.max_splits > 1 {
             combine_kernel::launch_unchecked::<F, R>(
                 client,
@@ -713,6 +814,9 @@ mod tests {
     /// blocks; query i at row `tokens - 1 - i` of the step. `fresh`: the step's tokens come as
     /// one fused Q/K/V projection before RoPE, their cache rows hold garbage until the kernel
     /// writes them, and the caches are checked too.
+    /// `tiled`: the tile kernel with this spread and these keys per split (otherwise the
+    /// device's choice: one key per unit on lavapipe).
+    #[allow(clippy::too_many_arguments)]
     fn check<F: Elem>(
         kv_heads: usize,
         group: usize,
@@ -721,6 +825,7 @@ mod tests {
         ctxs: &[u32],
         fresh: bool,
         tol: f64,
+        tiled: Option<(Tiles, usize)>,
     ) {
         let c = client();
         let tokens = ctxs.len();
@@ -747,7 +852,13 @@ mod tests {
         };
         let scale = 1.0 / (head_dim as f32).sqrt();
         let out = upload::<F>(&c, &vec![f32::NAN; q.len()]);
-        let ws = Workspace::new(&c, tokens, kv_heads, heads, head_dim, max_ctx);
+        let ws = match tiled {
+            Some((spread, split)) => Workspace {
+                tiles: Some(spread),
+                ..Workspace::with_split_keys(&c, tokens, heads, head_dim, max_ctx, split)
+            },
+            None => Workspace::new::<_, F>(&c, tokens, kv_heads, heads, head_dim, max_ctx),
+        };
         let bt = c.create_from_slice(u32::as_bytes(&block_tables));
         let cl = c.create_from_slice(u32::as_bytes(ctxs));
         let rows: Vec<u32> = (0..tokens as u32).rev().collect();
@@ -805,33 +916,57 @@ mod tests {
         let e = rel_err(&read::<F>(&c, out), &expected);
         assert!(
             e < tol,
-            "{} kvh {kv_heads} g {group} d {head_dim} bs {block_size} ctx {ctxs:?} fresh {fresh}: \
-             rel err {e}",
+            "{} kvh {kv_heads} g {group} d {head_dim} bs {block_size} ctx {ctxs:?} fresh {fresh} \
+             {tiled:?}: rel err {e}",
             F::NAME
         );
     }
 
     #[test]
     fn one_split_ragged_contexts() {
-        check::<f32>(2, 4, 64, 16, &[1, 17, 100, 512], false, 1e-5);
-        check::<f32>(3, 3, 64, 16, &[33], false, 1e-5);
+        check::<f32>(2, 4, 64, 16, &[1, 17, 100, 512], false, 1e-5, None);
+        check::<f32>(3, 3, 64, 16, &[33], false, 1e-5, None);
     }
 
     #[test]
     fn several_splits_are_merged() {
-        check::<f32>(1, 2, 32, 16, &[513, 1300, 40], false, 1e-5);
-        check::<f32>(2, 4, 128, 16, &[45, 300], false, 1e-5);
+        check::<f32>(1, 2, 32, 16, &[513, 1300, 40], false, 1e-5, None);
+        check::<f32>(2, 4, 128, 16, &[45, 300], false, 1e-5, None);
     }
 
     #[test]
     fn f16() {
-        check::<half::f16>(2, 4, 64, 16, &[700, 9], false, 3e-3);
+        check::<half::f16>(2, 4, 64, 16, &[700, 9], false, 3e-3, None);
     }
 
     #[test]
     fn rope_and_kv_write_folded_in() {
-        check::<f32>(2, 4, 64, 16, &[1, 17, 100, 512], true, 1e-5);
-        check::<f32>(1, 2, 32, 16, &[513, 1300, 40], true, 1e-5);
-        check::<half::f16>(2, 4, 128, 16, &[700, 9, 64], true, 3e-3);
+        check::<f32>(2, 4, 64, 16, &[1, 17, 100, 512], true, 1e-5, None);
+        check::<f32>(1, 2, 32, 16, &[513, 1300, 40], true, 1e-5, None);
+        check::<half::f16>(2, 4, 128, 16, &[700, 9, 64], true, 3e-3, None);
+    }
+
+    // The tile kernel under the emulated `mma` is slow to build and run on lavapipe (and gets
+    // 32 KiB of shared memory): three kernels cover its paths — several planes and the upper
+    // rows of the tile, a deeper ring and an odd group with RoPE and the KV write folded in,
+    // f32 — each over ragged contexts of one to several stages and splits.
+    fn tiled(planes: usize, stages: usize, split: usize) -> Option<(Tiles, usize)> {
+        Some((Tiles { planes, stages }, split))
+    }
+
+    #[test]
+    fn tiles_planes_and_upper_rows() {
+        let ctxs = [1, 17, 45, 161, 300];
+        check::<half::f16>(1, 12, 64, 16, &ctxs, false, 3e-3, tiled(2, 2, 64));
+    }
+
+    #[test]
+    fn tiles_ring_rope_and_kv_write_folded_in() {
+        check::<half::f16>(3, 3, 64, 16, &[33, 200], true, 3e-3, tiled(1, 3, 128));
+    }
+
+    #[test]
+    fn tiles_f32() {
+        check::<f32>(2, 4, 64, 16, &[1, 17, 100], false, 1e-5, tiled(1, 2, 64));
     }
 }

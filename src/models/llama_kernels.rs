@@ -496,7 +496,14 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
         }
         let decode = (!dec_rows.is_empty()).then(|| {
             let max_ctx = dec_ctx.iter().copied().max().unwrap_or(1) as usize;
-            let ws = decode_attention::Workspace::new(cl, dec_rows.len(), kvh, heads, hd, max_ctx);
+            let ws = decode_attention::Workspace::new::<R, F>(
+                cl,
+                dec_rows.len(),
+                kvh,
+                heads,
+                hd,
+                max_ctx,
+            );
             let meta = [&dec_rows, &dec_tables, &dec_ctx].map(|v| self.u32s(v));
             (ws, meta)
         });
