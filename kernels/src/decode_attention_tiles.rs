@@ -22,7 +22,7 @@ use cubecl::frontend::barrier::Barrier;
 use cubecl::prelude::*;
 
 use crate::mma::{copy_vec, mma, pair_of, stage_barrier, Pair, EMULATION_SCRATCH, WARP};
-use crate::paged_decode_attention::rotated;
+use crate::paged_decode_attention::{key_rows, rotated, write_new_token, SplitAt};
 
 /// Keys a plane takes per stage: two 8-key tiles of S, one k16 step of P·V.
 pub const PLANE_KEYS: usize = 16;
@@ -259,13 +259,23 @@ pub(crate) fn tile_kernel<F: Float, N: Size>(
     // The split's K/V row offsets (vectors), one block-table lookup per key; the query tile
     // (the group's heads, rotated if fresh; zero rows past the group).
     let mut rows = SharedMemory::<u32>::new(split_keys);
-    let mut kk = tid;
-    while kk < n_keys {
-        let p = first + kk;
-        let block = block_tables[token * max_blocks + p / block_size] as usize;
-        rows[kk] = (((block * block_size + p % block_size) * kv_heads + kvh) * vecs) as u32;
-        kk += units;
-    }
+    let at = SplitAt {
+        token,
+        row,
+        kvh,
+        first,
+        n_keys,
+        pos,
+    };
+    key_rows(
+        block_tables,
+        &mut rows,
+        at,
+        max_blocks,
+        kv_heads,
+        block_size,
+        vecs,
+    );
     let mut q_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime![MAX_GROUP * vecs], 16usize);
     let mut i = tid;
     while i < comptime![MAX_GROUP * vecs] {
@@ -288,26 +298,10 @@ pub(crate) fn tile_kernel<F: Float, N: Size>(
     }
     sync_cube();
     if comptime![fresh] {
-        // The new token's K (rotated) and V into the caches, by the split that reads them,
-        // before any copy of it is queued.
-        if pos < first + n_keys {
-            if tid < vecs {
-                let at = rows[n_keys - 1] as usize + tid;
-                let base = row * kv_stride + kvh * head_dim;
-                let mut kv = Vector::<F, N>::empty();
-                let mut vv = Vector::<F, N>::empty();
-                #[unroll]
-                for e in 0..vec {
-                    let d = tid * vec + e;
-                    kv[e] = F::cast_from(rotated::<F>(k_new, base, d, half, pos, cos, sin));
-                    vv[e] = v_new[base + d];
-                }
-                k_cache[at] = kv;
-                v_cache[at] = vv;
-            }
-            sync_storage();
-            sync_cube();
-        }
+        // Before any copy of the new token is queued.
+        write_new_token::<F, N>(
+            k_new, v_new, cos, sin, k_cache, v_cache, &rows, at, kv_stride, head_dim, vecs,
+        );
     }
 
     let mut ring =

@@ -132,6 +132,79 @@ pub(crate) fn rotated<F: Float>(
     f32::cast_from(x[base + d]) * cos[pos * half + j] + sign * other * sin[pos * half + j]
 }
 
+/// Where a split cube works: its query (`token`, at `row` of `q` and `out`), K/V head, first
+/// key and key count, and the query's position (its context's last key).
+#[derive(CubeType, Clone, Copy)]
+pub(crate) struct SplitAt {
+    pub token: usize,
+    pub row: usize,
+    pub kvh: usize,
+    pub first: usize,
+    pub n_keys: usize,
+    pub pos: usize,
+}
+
+/// The offsets (in vectors, `vecs` to a head's row) of the split's K/V rows, one block-table
+/// lookup per key, into `rows`.
+#[cube]
+pub(crate) fn key_rows(
+    block_tables: &Array<u32>,
+    rows: &mut SharedMemory<u32>,
+    at: SplitAt,
+    max_blocks: usize,
+    #[comptime] kv_heads: usize,
+    #[comptime] block_size: usize,
+    #[comptime] vecs: usize,
+) {
+    let mut kk = UNIT_POS as usize;
+    while kk < at.n_keys {
+        let p = at.first + kk;
+        let block = block_tables[at.token * max_blocks + p / block_size] as usize;
+        rows[kk] = (((block * block_size + p % block_size) * kv_heads + at.kvh) * vecs) as u32;
+        kk += CUBE_DIM as usize;
+    }
+}
+
+/// Decode-only steps: the split holding the new token (its last key) rotates the token's key
+/// and writes it and its value into the caches, then fences them before any unit reads them
+/// back. `rows` must be complete (a cube barrier after [`key_rows`]); `vecs` vectors to a row.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_new_token<F: Float, N: Size>(
+    k_new: &Array<F>,
+    v_new: &Array<F>,
+    cos: &Array<f32>,
+    sin: &Array<f32>,
+    k_cache: &mut Array<Vector<F, N>>,
+    v_cache: &mut Array<Vector<F, N>>,
+    rows: &SharedMemory<u32>,
+    at: SplitAt,
+    kv_stride: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] vecs: usize,
+) {
+    let tid = UNIT_POS as usize;
+    let half = comptime![head_dim / 2];
+    if at.pos < at.first + at.n_keys {
+        if tid < vecs {
+            let dst = rows[at.n_keys - 1] as usize + tid;
+            let base = at.row * kv_stride + at.kvh * head_dim;
+            let mut kv = Vector::<F, N>::empty();
+            let mut vv = Vector::<F, N>::empty();
+            #[unroll]
+            for e in 0..N::value() {
+                let d = tid * N::value() + e;
+                kv[e] = F::cast_from(rotated::<F>(k_new, base, d, half, at.pos, cos, sin));
+                vv[e] = v_new[base + d];
+            }
+            k_cache[dst] = kv;
+            v_cache[dst] = vv;
+        }
+        sync_storage();
+        sync_cube();
+    }
+}
+
 /// Issues the loads of this unit's V vectors (lane `lane`) for keys `kk + j · key_groups`, j <
 /// `V_IN_FLIGHT` (zeros past the split's last key).
 #[cube]
@@ -220,35 +293,29 @@ fn split_kernel<F: Float, N: Size>(
         q_s[i] = x * scale;
         i += threads;
     }
-    let mut kk = tid;
-    while kk < n_keys {
-        let p = first + kk;
-        let block = block_tables[token * max_blocks + p / block_size] as usize;
-        rows[kk] = (((block * block_size + p % block_size) * kv_heads + kvh) * vecs) as u32;
-        kk += threads;
-    }
+    let at = SplitAt {
+        token,
+        row,
+        kvh,
+        first,
+        n_keys,
+        pos,
+    };
+    key_rows(
+        block_tables,
+        &mut rows,
+        at,
+        max_blocks,
+        kv_heads,
+        block_size,
+        vecs,
+    );
     sync_cube();
 
     if comptime![fresh] {
-        // The new token's K (rotated) and V into the caches, by the split that reads them.
-        if pos < first + n_keys {
-            if tid < vecs {
-                let at = rows[n_keys - 1] as usize + tid;
-                let base = row * kv_stride + kvh * head_dim;
-                let mut kv = Vector::<F, N>::empty();
-                let mut vv = Vector::<F, N>::empty();
-                #[unroll]
-                for e in 0..N::value() {
-                    let d = tid * N::value() + e;
-                    kv[e] = F::cast_from(rotated::<F>(k_new, base, d, half, pos, cos, sin));
-                    vv[e] = v_new[base + d];
-                }
-                k_cache[at] = kv;
-                v_cache[at] = vv;
-            }
-            sync_storage();
-            sync_cube();
-        }
+        write_new_token::<F, N>(
+            k_new, v_new, cos, sin, k_cache, v_cache, &rows, at, kv_stride, head_dim, vecs,
+        );
     }
 
     // P·V's first V rows' loads go out now, so they travel with the K loads instead of after
