@@ -50,8 +50,8 @@ const LANES_PER_KEY: usize = 4;
 const MAX_PLANES: usize = 64;
 
 /// The tile kernel's spread: 4 planes (64 keys a stage), 2 stages in the ring (host-timed
-/// sweep on the H200 from 1 to 64 sequences, benches/RESULTS.md: best or within 5 % of the
-/// best of five spreads wherever the kernel streams K/V at more than a third of copy).
+/// sweep on the H200 from 1 to 64 sequences, benches/RESULTS.md: the best of five spreads on 7
+/// of the 9 shapes, within 11 % on the other two).
 const TILES: Tiles = Tiles {
     planes: 4,
     stages: 2,
