@@ -1,6 +1,7 @@
 //! Decode attention on tensor-core tiles: the split kernel [`crate::paged_decode_attention`]
-//! launches where many sequences (or long contexts) give it enough cubes to stream K/V at the
-//! memory's rate.
+//! launches wherever the device has tensor cores and the shape fits ([`supported`]); it beat
+//! the one-key-per-unit kernel from one sequence to 64 (H200, benches/RESULTS.md), most where
+//! many sequences or long contexts let it stream K/V at the memory's rate.
 //!
 //! A cube serves one (token, K/V head, split), as the one-key-per-unit kernel does, but walks
 //! its keys in stages of `16 · planes` keys copied into a ring of shared-memory stages by async
