@@ -11,7 +11,9 @@
 //! (or sums the probability of) the elements in each of 16 buckets of the current window —
 //! eight passes over a row that stays in cache. The draw walks the kept tokens from the most
 //! likely down, as the host sampler does: the token where the running probability passes
-//! `uniform` times the kept total, found by the same search.
+//! `uniform` times the kept total, found by the same search. After top-k the kept set (k and
+//! its ties) usually fits in shared memory: it is gathered there in index order and the later
+//! searches walk it instead of the row (one row of 128,256 logits: 883 → 547 µs on the H200).
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -22,6 +24,8 @@ const MAX_THREADS: usize = 1024;
 const MAX_PLANES: usize = 128;
 /// Buckets a search pass splits its window into (4 bits of the key).
 const BUCKETS: usize = 16;
+/// Elements of a top-k set the searches after it walk in shared memory (larger sets: the row).
+const COMPACT_MAX: usize = 2048;
 
 /// One row's sampling settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -76,21 +80,41 @@ fn cube_sum(v: f32, scratch: &mut SharedMemory<f32>) -> f32 {
     total
 }
 
-/// The unnormalized probability of the row's tokens with key ≥ `floor` (every unit gets it).
+/// Element `i` of a walk: of the logits row at `base`, or (`compact`) of the kept list.
 #[cube]
+fn value_at<F: Float>(
+    logits: &Array<F>,
+    base: usize,
+    vals: &SharedMemory<f32>,
+    i: usize,
+    #[comptime] compact: bool,
+) -> f32 {
+    if comptime![compact] {
+        vals[i]
+    } else {
+        f32::cast_from(logits[base + i])
+    }
+}
+
+/// The unnormalized probability of the walk's `len` elements with key ≥ `floor` (every unit
+/// gets it).
+#[cube]
+#[allow(clippy::too_many_arguments)]
 fn kept_mass<F: Float>(
     logits: &Array<F>,
     base: usize,
-    vocab: usize,
+    vals: &SharedMemory<f32>,
+    len: usize,
     max: f32,
     inv_t: f32,
     floor: u32,
     scratch: &mut SharedMemory<f32>,
+    #[comptime] compact: bool,
 ) -> f32 {
     let mut kept = f32::new(0.0);
     let mut i = UNIT_POS as usize;
-    while i < vocab {
-        let z = f32::cast_from(logits[base + i]);
+    while i < len {
+        let z = value_at::<F>(logits, base, vals, i, compact);
         if key_of(z) >= floor {
             kept += f32::exp((z - max) * inv_t);
         }
@@ -105,14 +129,15 @@ fn cube_count(v: u32, scratch: &mut SharedMemory<f32>) -> u32 {
     u32::cast_from(cube_sum(f32::cast_from(v), scratch))
 }
 
-/// The largest key t such that the elements with key ≥ max(t, floor) count (`mass`: weigh, by
-/// their unnormalized probability) at least `target` (`strict`: more than).
+/// The largest key t such that the walk's elements with key ≥ max(t, floor) count (`mass`:
+/// weigh, by their unnormalized probability) at least `target` (`strict`: more than).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn threshold<F: Float>(
     logits: &Array<F>,
     base: usize,
-    vocab: usize,
+    vals: &SharedMemory<f32>,
+    len: usize,
     max: f32,
     inv_t: f32,
     floor: u32,
@@ -121,6 +146,7 @@ fn threshold<F: Float>(
     scratch: &mut SharedMemory<f32>,
     prefix_s: &mut SharedMemory<u32>,
     #[comptime] mass: bool,
+    #[comptime] compact: bool,
 ) -> u32 {
     let mut prefix = 0u32;
     let mut shift = 28u32;
@@ -136,8 +162,8 @@ fn threshold<F: Float>(
             hist[j] = f32::new(0.0);
         }
         let mut i = UNIT_POS as usize;
-        while i < vocab {
-            let z = f32::cast_from(logits[base + i]);
+        while i < len {
+            let z = value_at::<F>(logits, base, vals, i, compact);
             let key = key_of(z);
             if key >= floor {
                 let w = if comptime![mass] {
@@ -203,112 +229,88 @@ fn threshold<F: Float>(
     prefix
 }
 
-#[cube(launch)]
-fn sample_kernel<F: Float>(
+/// After top-k (its threshold `floor`): top-p, min-p and the draw over the walk — the logits
+/// row, or (`compact`) the kept list `vals` / `idxs` of `len` elements in index order — and the
+/// drawn token into `out[row]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn draw<F: Float>(
     logits: &Array<F>,
-    params: &Array<f32>,
-    top_k: &Array<u32>,
+    base: usize,
+    vals: &SharedMemory<f32>,
+    idxs: &SharedMemory<u32>,
+    len: usize,
     out: &mut Array<u32>,
-    vocab: usize,
+    row: usize,
+    max: f32,
+    settings: RowSettings,
+    floor: u32,
+    scratch: &mut SharedMemory<f32>,
+    prefix_s: &mut SharedMemory<u32>,
+    counts: &mut SharedMemory<u32>,
+    #[comptime] compact: bool,
 ) {
-    let row = CUBE_POS;
-    let base = row * vocab;
-    let inv_t = params[row * 4usize];
-    let top_p = params[row * 4usize + 1usize];
-    let min_p = params[row * 4usize + 2usize];
-    let uniform = params[row * 4usize + 3usize];
-    let k = top_k[row] as usize;
-    let mut scratch = SharedMemory::<f32>::new((BUCKETS + 1) * MAX_PLANES);
-    let mut prefix_s = SharedMemory::<u32>::new(1usize);
-    let mut counts = SharedMemory::<u32>::new(MAX_THREADS);
-
-    let mut m = f32::new(-3.0e38);
-    let mut i = UNIT_POS as usize;
-    while i < vocab {
-        m = f32::max(m, f32::cast_from(logits[base + i]));
-        i += CUBE_DIM as usize;
-    }
-    let m = plane_max(m);
-    if UNIT_POS_PLANE == 0 {
-        scratch[(UNIT_POS / PLANE_DIM) as usize] = m;
-    }
-    sync_cube();
-    let mut max = scratch[0];
-    for p in 1..(CUBE_DIM / PLANE_DIM) as usize {
-        max = f32::max(max, scratch[p]);
-    }
-    sync_cube();
-
-    let mut floor = 0u32;
-    if k > 0usize && k < vocab {
-        let t = f32::cast_from(k);
-        floor = threshold::<F>(
-            logits,
-            base,
-            vocab,
-            max,
-            inv_t,
-            0u32,
-            t,
-            false,
-            &mut scratch,
-            &mut prefix_s,
-            false,
-        );
-    }
-    if top_p < 1.0 {
-        let kept = kept_mass::<F>(logits, base, vocab, max, inv_t, floor, &mut scratch);
+    let inv_t = settings.inv_temperature;
+    let mut floor = floor;
+    if settings.top_p < 1.0 {
+        let kept = kept_mass::<F>(logits, base, vals, len, max, inv_t, floor, scratch, compact);
         let t = threshold::<F>(
             logits,
             base,
-            vocab,
+            vals,
+            len,
             max,
             inv_t,
             floor,
-            top_p * kept,
+            settings.top_p * kept,
             false,
-            &mut scratch,
-            &mut prefix_s,
+            scratch,
+            prefix_s,
             true,
+            compact,
         );
         floor = u32::max(floor, t);
     }
-    if min_p > 0.0 {
-        floor = u32::max(floor, key_of(max + f32::ln(min_p) / inv_t));
+    if settings.min_p > 0.0 {
+        floor = u32::max(floor, key_of(max + f32::ln(settings.min_p) / inv_t));
     }
 
     // The draw, in order of decreasing probability (the host sampler's order: the likely
     // tokens' intervals sit first, so tiny changes in the logits rarely move a draw): the
     // kept key where the running mass from the top passes uniform · total, found by the same
     // search, then its first token.
-    let kept = kept_mass::<F>(logits, base, vocab, max, inv_t, floor, &mut scratch);
+    let uniform = settings.uniform;
+    let kept = kept_mass::<F>(logits, base, vals, len, max, inv_t, floor, scratch, compact);
     let drawn = threshold::<F>(
         logits,
         base,
-        vocab,
+        vals,
+        len,
         max,
         inv_t,
         floor,
         uniform * kept,
         true,
-        &mut scratch,
-        &mut prefix_s,
+        scratch,
+        prefix_s,
         true,
+        compact,
     );
     // Tokens of equal value share one key: the draw lands in that group at its running mass
     // less the mass above it, and takes the group's member at that place in index order.
-    // Each unit counts the group in a contiguous chunk of the row, so chunks are in index order.
+    // Each unit counts the group in a contiguous chunk of the walk, so chunks are in index
+    // order.
     let drawn = u32::max(drawn, floor);
     let threads = CUBE_DIM as usize;
-    let chunk = vocab.div_ceil(threads);
+    let chunk = len.div_ceil(threads);
     let start = UNIT_POS as usize * chunk;
-    let end = usize::min(start + chunk, vocab);
+    let end = usize::min(start + chunk, len);
     let mut above = f32::new(0.0);
     let mut group = f32::new(0.0);
     let mut count = 0u32;
     let mut i = start;
     while i < end {
-        let z = f32::cast_from(logits[base + i]);
+        let z = value_at::<F>(logits, base, vals, i, compact);
         let key = key_of(z);
         if key > drawn {
             above += f32::exp((z - max) * inv_t);
@@ -319,9 +321,9 @@ fn sample_kernel<F: Float>(
         i += 1usize;
     }
     counts[UNIT_POS as usize] = count;
-    let above = cube_sum(above, &mut scratch);
-    let group = cube_sum(group, &mut scratch);
-    let total = f32::cast_from(cube_count(count, &mut scratch));
+    let above = cube_sum(above, scratch);
+    let group = cube_sum(group, scratch);
+    let total = f32::cast_from(cube_count(count, scratch));
     // Members before the draw's place (equal weights), within the group.
     let place = f32::floor((uniform * kept - above) / (group / total));
     let place = u32::cast_from(f32::min(f32::max(place, 0.0), total - 1.0));
@@ -348,9 +350,13 @@ fn sample_kernel<F: Float>(
         let mut i = start;
         let mut done = false;
         while i < end && !done {
-            if key_of(f32::cast_from(logits[base + i])) == drawn {
+            if key_of(value_at::<F>(logits, base, vals, i, compact)) == drawn {
                 if skip == 0u32 {
-                    out[row] = i as u32;
+                    out[row] = if comptime![compact] {
+                        idxs[i]
+                    } else {
+                        i as u32
+                    };
                     done = true;
                 } else {
                     skip -= 1u32;
@@ -358,6 +364,146 @@ fn sample_kernel<F: Float>(
             }
             i += 1usize;
         }
+    }
+}
+
+/// A row's settings in the kernel (top-k applied before [`draw`]).
+#[derive(CubeType, Clone, Copy)]
+struct RowSettings {
+    inv_temperature: f32,
+    top_p: f32,
+    min_p: f32,
+    uniform: f32,
+}
+
+#[cube(launch)]
+fn sample_kernel<F: Float>(
+    logits: &Array<F>,
+    params: &Array<f32>,
+    top_k: &Array<u32>,
+    out: &mut Array<u32>,
+    vocab: usize,
+) {
+    let row = CUBE_POS;
+    let base = row * vocab;
+    let settings = RowSettings {
+        inv_temperature: params[row * 4usize],
+        top_p: params[row * 4usize + 1usize],
+        min_p: params[row * 4usize + 2usize],
+        uniform: params[row * 4usize + 3usize],
+    };
+    let inv_t = settings.inv_temperature;
+    let k = top_k[row] as usize;
+    let mut scratch = SharedMemory::<f32>::new((BUCKETS + 1) * MAX_PLANES);
+    let mut prefix_s = SharedMemory::<u32>::new(1usize);
+    let mut counts = SharedMemory::<u32>::new(MAX_THREADS);
+    let mut vals = SharedMemory::<f32>::new(COMPACT_MAX);
+    let mut idxs = SharedMemory::<u32>::new(COMPACT_MAX);
+
+    let mut m = f32::new(-3.0e38);
+    let mut i = UNIT_POS as usize;
+    while i < vocab {
+        m = f32::max(m, f32::cast_from(logits[base + i]));
+        i += CUBE_DIM as usize;
+    }
+    let m = plane_max(m);
+    if UNIT_POS_PLANE == 0 {
+        scratch[(UNIT_POS / PLANE_DIM) as usize] = m;
+    }
+    sync_cube();
+    let mut max = scratch[0];
+    for p in 1..(CUBE_DIM / PLANE_DIM) as usize {
+        max = f32::max(max, scratch[p]);
+    }
+    sync_cube();
+
+    let mut floor = 0u32;
+    let mut compact = false;
+    if k > 0usize && k < vocab {
+        let t = f32::cast_from(k);
+        floor = threshold::<F>(
+            logits,
+            base,
+            &vals,
+            vocab,
+            max,
+            inv_t,
+            0u32,
+            t,
+            false,
+            &mut scratch,
+            &mut prefix_s,
+            false,
+            false,
+        );
+        // The top-k set (k and its ties) into shared memory in index order when it fits: the
+        // searches after it then walk it instead of the whole row. Each unit takes a
+        // contiguous chunk; its place follows the chunks before it.
+        let chunk = vocab.div_ceil(CUBE_DIM as usize);
+        let start = UNIT_POS as usize * chunk;
+        let end = usize::min(start + chunk, vocab);
+        let mut count = 0u32;
+        let mut i = start;
+        while i < end {
+            if key_of(f32::cast_from(logits[base + i])) >= floor {
+                count += 1u32;
+            }
+            i += 1usize;
+        }
+        counts[UNIT_POS as usize] = count;
+        let total = cube_count(count, &mut scratch) as usize;
+        if total <= COMPACT_MAX {
+            let mut at = 0u32;
+            for t in 0..UNIT_POS as usize {
+                at += counts[t];
+            }
+            let mut i = start;
+            while i < end {
+                let z = f32::cast_from(logits[base + i]);
+                if key_of(z) >= floor {
+                    vals[at as usize] = z;
+                    idxs[at as usize] = i as u32;
+                    at += 1u32;
+                }
+                i += 1usize;
+            }
+            sync_cube();
+            compact = true;
+            draw::<F>(
+                logits,
+                base,
+                &vals,
+                &idxs,
+                total,
+                out,
+                row,
+                max,
+                settings,
+                floor,
+                &mut scratch,
+                &mut prefix_s,
+                &mut counts,
+                true,
+            );
+        }
+    }
+    if !compact {
+        draw::<F>(
+            logits,
+            base,
+            &vals,
+            &idxs,
+            vocab,
+            out,
+            row,
+            max,
+            settings,
+            floor,
+            &mut scratch,
+            &mut prefix_s,
+            &mut counts,
+            false,
+        );
     }
 }
 
@@ -517,6 +663,19 @@ mod tests {
                 5,
             ),
         );
+    }
+
+    /// A top-k set larger than fits in shared memory: the later searches walk the row.
+    #[test]
+    fn top_k_past_the_kept_list() {
+        let settings = with(
+            |s| {
+                s.top_k = 3000;
+                s.top_p = 0.95;
+            },
+            3,
+        );
+        check::<f32>(5000, &settings);
     }
 
     /// Tied values (common in bf16 logits) split their group's mass in index order.
