@@ -79,6 +79,35 @@ pub fn tile_split_keys(
     split
 }
 
+/// What the tile kernel's choice needs to know of a device with tensor cores.
+#[derive(Clone, Copy, Debug)]
+struct TileDevice {
+    sms: usize,
+    max_shared: usize,
+    plane_size: usize,
+    /// Bytes of the attention's element type.
+    elem: usize,
+}
+
+/// The tile kernel's spread and keys per split for this batch, if it takes the shape and its
+/// cube fits the device's shared memory (wide heads can need more than a smaller device gives).
+fn tile_plan(
+    device: TileDevice,
+    tokens: usize,
+    kv_heads: usize,
+    group: usize,
+    head_dim: usize,
+    max_context: usize,
+) -> Option<(Tiles, usize)> {
+    let spread = TILES;
+    // As `Workspace::with_split_keys` will take it: long enough for one merge.
+    let split = tile_split_keys(tokens, kv_heads, max_context, device.sms, spread)
+        .max(max_context.div_ceil(MAX_COMBINED));
+    let shared = spread.shared_bytes(group, head_dim, split, device.elem, true);
+    (tiles::supported(group, head_dim, device.plane_size) && shared <= device.max_shared)
+        .then_some((spread, split))
+}
+
 /// Keys per split: long enough to amortise the merge, short enough to fill the device.
 pub fn split_keys(tokens: usize, kv_heads: usize, max_context: usize) -> usize {
     let mut split = MAX_SPLIT_KEYS;
@@ -585,18 +614,33 @@ impl Workspace {
         max_context: usize,
     ) -> Self {
         let hw = &client.properties().hardware;
-        let sms = hw.num_streaming_multiprocessors.unwrap_or(1) as usize;
+        let device = TileDevice {
+            sms: hw.num_streaming_multiprocessors.unwrap_or(1) as usize,
+            max_shared: hw.max_shared_memory_size,
+            plane_size: hw.plane_size_min as usize,
+            elem: F::as_type_native_unchecked().size(),
+        };
         let tiled = has_tensor_cores::<R, F>(client)
-            && tiles::supported(heads / kv_heads, head_dim, hw.plane_size_min as usize);
-        if !tiled {
-            let split_keys = split_keys(tokens, kv_heads, max_context);
-            return Self::with_split_keys(client, tokens, heads, head_dim, max_context, split_keys);
-        }
-        let spread = TILES;
-        let split_keys = tile_split_keys(tokens, kv_heads, max_context, sms, spread);
-        Self {
-            tiles: Some(spread),
-            ..Self::with_split_keys(client, tokens, heads, head_dim, max_context, split_keys)
+            .then(|| {
+                tile_plan(
+                    device,
+                    tokens,
+                    kv_heads,
+                    heads / kv_heads,
+                    head_dim,
+                    max_context,
+                )
+            })
+            .flatten();
+        match tiled {
+            Some((spread, split)) => Self {
+                tiles: Some(spread),
+                ..Self::with_split_keys(client, tokens, heads, head_dim, max_context, split)
+            },
+            None => {
+                let split = split_keys(tokens, kv_heads, max_context);
+                Self::with_split_keys(client, tokens, heads, head_dim, max_context, split)
+            }
         }
     }
 
@@ -1012,6 +1056,30 @@ mod tests {
         check::<f32>(2, 4, 64, 16, &[1, 17, 100, 512], true, 1e-5, None);
         check::<f32>(1, 2, 32, 16, &[513, 1300, 40], true, 1e-5, None);
         check::<half::f16>(2, 4, 128, 16, &[700, 9, 64], true, 3e-3, None);
+    }
+
+    /// The tile kernel's plan on an H200-like device (132 SMs, 227 KiB a cube) and on one
+    /// giving a cube 99 KiB: Llama-3.1-8B's heads fit both, 256-wide heads only the first.
+    #[test]
+    fn tile_plan_fits_the_device() {
+        let h200 = TileDevice {
+            sms: 132,
+            max_shared: 227 * 1024,
+            plane_size: 32,
+            elem: 2,
+        };
+        let small = TileDevice {
+            max_shared: 99 * 1024,
+            ..h200
+        };
+        let spread = Some((TILES, 1024));
+        assert_eq!(tile_plan(h200, 64, 8, 4, 128, 576), spread);
+        assert_eq!(tile_plan(small, 64, 8, 4, 128, 576), spread);
+        assert_eq!(tile_plan(h200, 64, 8, 4, 256, 576), spread);
+        assert_eq!(tile_plan(small, 64, 8, 4, 256, 576), None);
+        // One sequence of 8k keys: 512-key splits (128 cubes); a group past the tile: none.
+        assert_eq!(tile_plan(h200, 1, 8, 4, 128, 8192), Some((TILES, 512)));
+        assert_eq!(tile_plan(h200, 1, 2, 32, 128, 8192), None);
     }
 
     // The tile kernel under the emulated `mma` is slow to build and run on lavapipe (and gets
