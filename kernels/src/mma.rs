@@ -1,7 +1,8 @@
-//! What the tensor-core kernels share: `mma` (m16n8k16, f32 accumulation) on register
-//! fragments, emulated through shared memory where the device lacks the instruction (the CPU
-//! CI's lavapipe), and a ring of shared-memory stages filled by async copies (`cp.async`, one
-//! mbarrier per stage) or, without tensor cores, by plain copies.
+//! What the tensor-core kernels share: whether the device has `mma` (m16n8k16, f32
+//! accumulation) for a type, its register fragments, the instruction emulated through shared
+//! memory where the device lacks it (the CPU CI's lavapipe), and a ring of shared-memory stages
+//! filled by async copies (`cp.async`, one mbarrier per stage) or, without tensor cores, by
+//! plain copies.
 
 use cubecl::frontend::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
@@ -14,6 +15,24 @@ pub(crate) type Pair<E> = Vector<E, Const<2>>;
 
 /// Shared f32 scratch the emulated `mma` takes per 32-unit group.
 pub(crate) const EMULATION_SCRATCH: usize = 384;
+
+/// Whether the device runs the tensor-core paths for `F` (`mma` m16n8k16, f32 accumulation).
+pub(crate) fn has_tensor_cores<R: Runtime, F: CubePrimitive>(client: &ComputeClient<R>) -> bool {
+    let f = F::as_type_native_unchecked().storage_type();
+    client
+        .properties()
+        .features
+        .matmul
+        .mma
+        .contains(&cubecl::features::MmaConfig {
+            a_type: f,
+            b_type: f,
+            cd_type: f32::as_type_native_unchecked().storage_type(),
+            m: 16,
+            n: 8,
+            k: 16,
+        })
+}
 
 /// Elements `e` and `e + 1` of the 8 consecutive values held as `8 / N` vectors from `at`.
 #[cube]

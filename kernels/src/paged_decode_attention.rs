@@ -24,7 +24,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::decode_attention_tiles::{self as tiles, Tiles};
-use crate::prefill_attention::has_tensor_cores;
+use crate::mma::has_tensor_cores;
 use crate::rope_kv_write::Projections;
 use crate::vector::vector_size;
 

@@ -15,6 +15,7 @@ use cubecl::frontend::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use crate::mma::{has_tensor_cores, Pair};
 use crate::vector::vector_size;
 
 /// Query rows per plane (the tensor-core tile's M).
@@ -107,9 +108,6 @@ pub fn tiles(chunks: &[Chunk], tile_rows: usize) -> Vec<u32> {
     list.sort_by_key(|&[_, _, rows, first_pos]| std::cmp::Reverse(first_pos + rows));
     list.into_iter().flatten().map(|v| v as u32).collect()
 }
-
-/// Two bf16/f16 values: one register of an `mma` fragment.
-type Pair<E> = Vector<E, Const<2>>;
 
 // Fast exp (ex2.approx): the softmax's inputs are finite (masked scores are -3e38, not -inf).
 #[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
@@ -784,25 +782,6 @@ fn attend_plain<F: Float, N: Size>(
         out[((at.t0 + r) * heads + at.head) * d + c] = F::cast_from(o_s[c * os + r] / l_s[r]);
         i += units;
     }
-}
-
-/// Whether the device runs the kernel's tensor-core path for `F` (`mma` m16n8k16, f32
-/// accumulation).
-pub fn has_tensor_cores<R: Runtime, F: CubePrimitive>(client: &ComputeClient<R>) -> bool {
-    let f = F::as_type_native_unchecked().storage_type();
-    client
-        .properties()
-        .features
-        .matmul
-        .mma
-        .contains(&cubecl::features::MmaConfig {
-            a_type: f,
-            b_type: f,
-            cd_type: f32::as_type_native_unchecked().storage_type(),
-            m: 16,
-            n: 8,
-            k: 16,
-        })
 }
 
 /// Causal attention of the query rows listed by `tiles` (from [`tiles`] with `tiling`'s tile

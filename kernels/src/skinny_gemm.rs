@@ -31,8 +31,9 @@ use cubecl::frontend::barrier::Barrier;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::mma::{copy_vec, mma, pair_of, stage_barrier, Pair, EMULATION_SCRATCH, WARP};
-use crate::prefill_attention::has_tensor_cores;
+use crate::mma::{
+    copy_vec, has_tensor_cores, mma, pair_of, stage_barrier, Pair, EMULATION_SCRATCH, WARP,
+};
 use crate::vector::vector_size;
 
 /// Rows of `x` one launch takes (eight `mma` column tiles of 8).
