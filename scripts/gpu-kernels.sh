@@ -10,7 +10,7 @@ gbps=$(python3 scripts/copy_bandwidth.py)
 echo "torch device-to-device copy: $gbps GB/s (read + write)"
 python3 - <<'PY' | tee "$out/cublas.txt"
 import torch
-for m, n, k in [(512, 14336, 4096), (4096, 14336, 4096), (2048, 4096, 14336)]:
+for m, n, k in [(512, 14336, 4096), (4096, 14336, 4096), (2048, 4096, 14336), (2048, 28672, 4096), (2048, 6144, 4096), (2048, 4096, 4096)]:
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
     for _ in range(3): x @ w.T

@@ -14,8 +14,8 @@ use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::Handle;
 use kiln_kernels::decode_attention_tiles::Tiles;
 use kiln_kernels::{
-    argmax, embedding, gemv, matmul, paged_decode_attention as pda, prefill_attention as pfa,
-    rms_norm, rope_kv_write, sample, silu_mul, skinny_gemm,
+    argmax, embedding, gemv, matmul, mma_gemm, paged_decode_attention as pda,
+    prefill_attention as pfa, rms_norm, rope_kv_write, sample, silu_mul,
 };
 use rand::{Rng, SeedableRng};
 
@@ -931,7 +931,7 @@ const DECODE_SHAPES: [(&str, usize, usize, bool); 5] = [
 ];
 
 /// A decode projection's weight: several copies, so repeated runs stream from memory.
-struct SkinnyWeight {
+struct ProjWeight {
     w0: Vec<f32>,
     ws: Vec<Handle>,
     n: usize,
@@ -939,7 +939,7 @@ struct SkinnyWeight {
     swiglu: bool,
 }
 
-impl SkinnyWeight {
+impl ProjWeight {
     fn new(b: &mut Bench, n: usize, k: usize, swiglu: bool) -> Self {
         let w_rows = if swiglu { 2 * n } else { n };
         let copies = (400_000_000 / (w_rows * k * 2)).clamp(1, 4);
@@ -949,7 +949,7 @@ impl SkinnyWeight {
             let w = b.random(w_rows * k);
             ws.push(b.upload(&w));
         }
-        SkinnyWeight {
+        ProjWeight {
             w0,
             ws,
             n,
@@ -964,15 +964,15 @@ impl SkinnyWeight {
 
 /// `m` rows of input for a weight, and the reference of rows 0 and m − 1 (the host reference
 /// of every row would take longer than the run).
-struct SkinnyCase {
+struct ProjCase {
     x: Handle,
     y: Handle,
     want: Vec<f32>,
     m: usize,
 }
 
-impl SkinnyCase {
-    fn new(b: &mut Bench, w: &SkinnyWeight, m: usize) -> Self {
+impl ProjCase {
+    fn new(b: &mut Bench, w: &ProjWeight, m: usize) -> Self {
         let (n, k) = (w.n, w.k);
         let x = b.random(m * k);
         let ends: Vec<f32> = [&x[..k], &x[(m - 1) * k..]].concat();
@@ -982,7 +982,7 @@ impl SkinnyCase {
             want = silu_mul::reference(&want, n);
         }
         let (x, y) = (b.upload(&x), b.poisoned(m * n));
-        SkinnyCase { x, y, want, m }
+        ProjCase { x, y, want, m }
     }
     fn check(&self, b: &Bench, name: &str) -> f64 {
         let got = b.read(self.y.clone());
@@ -994,14 +994,14 @@ impl SkinnyCase {
         );
         b.check(name, &ends, &self.want, 1e-2)
     }
-    fn skinny(&self, b: &Bench, w: &SkinnyWeight, i: usize, tuning: skinny_gemm::Tuning) {
-        let ep = skinny_gemm::Epilogue {
+    fn mma_gemm(&self, b: &Bench, w: &ProjWeight, i: usize, tuning: mma_gemm::Tuning) {
+        let ep = mma_gemm::Epilogue {
             swiglu: w.swiglu,
             ..Default::default()
         };
         let wh = &w.ws[i % w.ws.len()];
         let (m, n, k) = (self.m, w.n, w.k);
-        skinny_gemm::launch::<R, bf16>(&b.client, &self.x, wh, &self.y, m, n, k, ep, tuning);
+        mma_gemm::launch::<R, bf16>(&b.client, &self.x, wh, &self.y, m, n, k, ep, tuning);
     }
 }
 
@@ -1020,27 +1020,27 @@ fn bench_skinny(b: &mut Bench) {
         &[2, 4, 8, 16, 32, 64]
     };
     for (name, n, k, swiglu) in shapes {
-        let w = SkinnyWeight::new(b, n, k, swiglu);
+        let w = ProjWeight::new(b, n, k, swiglu);
         for &m in rows {
-            let case = SkinnyCase::new(b, &w, m);
-            let tuning = skinny_gemm::Tuning::for_device::<R, bf16>(&b.client, m, swiglu);
-            case.skinny(b, &w, 0, tuning);
-            let err = case.check(b, "skinny_gemm");
-            let secs = b.time(20, |i| case.skinny(b, &w, i, tuning));
+            let case = ProjCase::new(b, &w, m);
+            let tuning = mma_gemm::Tuning::for_device::<R, bf16>(&b.client, m, swiglu);
+            case.mma_gemm(b, &w, 0, tuning);
+            let err = case.check(b, "mma_gemm");
+            let secs = b.time(20, |i| case.mma_gemm(b, &w, i, tuning));
             let shape = format!("{name} m={m} n={n} k={k}");
-            b.record("skinny_gemm", shape.clone(), secs, w.bytes(), err);
+            b.record("mma_gemm", shape.clone(), secs, w.bytes(), err);
             if b.quick {
                 // A two-stage ring and one split too, for the sanitizer.
-                let other = skinny_gemm::Tuning {
+                let other = mma_gemm::Tuning {
                     stages: 2,
                     splits: Some(1),
                     ..tuning
                 };
-                case.skinny(b, &w, 0, other);
-                let err = case.check(b, "skinny_gemm");
-                let secs = b.time(20, |i| case.skinny(b, &w, i, other));
+                case.mma_gemm(b, &w, 0, other);
+                let err = case.check(b, "mma_gemm");
+                let secs = b.time(20, |i| case.mma_gemm(b, &w, i, other));
                 let shape = format!("{shape} stages=2 splits=1");
-                b.record("skinny_gemm", shape, secs, w.bytes(), err);
+                b.record("mma_gemm", shape, secs, w.bytes(), err);
             }
             let w_rows = if swiglu { 2 * n } else { n };
             let full = b.poisoned(m * w_rows);
@@ -1090,28 +1090,99 @@ fn sweep_skinny(b: &mut Bench) {
         (4, 2, 2, 4, Some(2)),
     ];
     for (name, n, k, swiglu) in DECODE_SHAPES {
-        let w = SkinnyWeight::new(b, n, k, swiglu);
+        let w = ProjWeight::new(b, n, k, swiglu);
         for m in [16usize, 32, 64] {
-            let case = SkinnyCase::new(b, &w, m);
+            let case = ProjCase::new(b, &w, m);
             for (planes, row_tiles, chunk_steps, stages, splits) in tunings {
                 if swiglu && row_tiles % 2 == 1 {
                     continue;
                 }
-                let tuning = skinny_gemm::Tuning {
+                let tuning = mma_gemm::Tuning {
                     planes,
+                    x_planes: 1,
                     row_tiles,
+                    x_tiles: 8,
                     chunk_steps,
                     stages,
                     splits,
                 };
-                case.skinny(b, &w, 0, tuning);
-                let err = case.check(b, "skinny_gemm");
-                let secs = b.time(20, |i| case.skinny(b, &w, i, tuning));
+                case.mma_gemm(b, &w, 0, tuning);
+                let err = case.check(b, "mma_gemm");
+                let secs = b.time(20, |i| case.mma_gemm(b, &w, i, tuning));
                 let sp = splits.map(|s| format!(" splits={s}")).unwrap_or_default();
                 let shape = format!("{name} m={m} {planes}x{row_tiles}x{chunk_steps}x{stages}{sp}");
-                b.record("skinny_gemm sweep", shape, secs, w.bytes(), err);
+                b.record("mma_gemm sweep", shape, secs, w.bytes(), err);
             }
         }
+    }
+}
+
+/// The prefill projections of Llama-3.1-8B on a 2,048-token chunk: the tensor-core GEMM's
+/// spreads (planes along the weight rows × along the rows of x, 16-row weight tiles × 8-row x
+/// tiles per plane, K_STEPs per stage, stages) beside cubek's GEMM (plus SiLU·mul for gate-up):
+/// TFLOP/s. torch's cuBLAS on the same shapes: scripts/gpu-kernels.sh.
+fn sweep_prefill_gemm(b: &mut Bench) {
+    let m = if b.quick { 300 } else { 2048 };
+    let tunings = [
+        (2, 2, 4, 8, 2, 3),
+        (2, 2, 4, 4, 2, 3),
+        (2, 2, 2, 8, 2, 3),
+        (1, 2, 4, 8, 2, 3),
+        (2, 1, 4, 8, 2, 3),
+        (1, 4, 4, 4, 2, 3),
+        (4, 1, 2, 8, 2, 3),
+        (4, 2, 4, 8, 4, 2),
+    ];
+    let shapes: Vec<(&str, usize, usize, bool)> = if b.quick {
+        vec![("quick", 300, 512, false), ("quick_swiglu", 150, 512, true)]
+    } else {
+        DECODE_SHAPES[..4].to_vec()
+    };
+    for (name, n, k, swiglu) in shapes {
+        let w = ProjWeight::new(b, n, k, swiglu);
+        let case = ProjCase::new(b, &w, m);
+        let flops = 2.0 * (m * n * k * if swiglu { 2 } else { 1 }) as f64;
+        let report = |b: &mut Bench, kernel: String, secs: f64, err: f64| {
+            let tflops = flops / secs / 1e12;
+            println!(
+                "| {kernel:<40} | {name} m={m} n={n} k={k} | {:>9.1} | {tflops:>5.0} TFLOP/s | {err:.1e} |",
+                secs * 1e6
+            );
+            b.rows.push(serde_json::json!({"kernel": kernel,
+                "shape": format!("{name} m={m} n={n} k={k}"), "us": secs * 1e6,
+                "tflops": tflops, "rel_err": err}));
+        };
+        for (planes, x_planes, row_tiles, x_tiles, chunk_steps, stages) in tunings {
+            let tuning = mma_gemm::Tuning {
+                planes,
+                x_planes,
+                row_tiles,
+                x_tiles,
+                chunk_steps,
+                stages,
+                splits: None,
+            };
+            case.mma_gemm(b, &w, 0, tuning);
+            let err = case.check(b, "tensor-core GEMM");
+            let secs = b.time(10, |i| case.mma_gemm(b, &w, i, tuning));
+            let spread =
+                format!("gemm {planes}x{x_planes} {row_tiles}x{x_tiles} {chunk_steps}x{stages}");
+            report(b, spread, secs, err);
+        }
+        let w_rows = if swiglu { 2 * n } else { n };
+        let full = b.poisoned(m * w_rows);
+        let run = |i: usize| {
+            let wh = &w.ws[i % w.ws.len()];
+            let out = if swiglu { &full } else { &case.y };
+            matmul::launch::<R, bf16>(&b.client, &case.x, wh, out, m, w_rows, k).expect("matmul");
+            if swiglu {
+                silu_mul::launch::<R, bf16>(&b.client, &full, &case.y, m, n);
+            }
+        };
+        run(0);
+        let err = case.check(b, "matmul (cubek)");
+        let secs = b.time(10, run);
+        report(b, "matmul (cubek)".into(), secs, err);
     }
 }
 
@@ -1149,7 +1220,7 @@ fn main() {
     // $KILN_BENCH_ONLY (comma-separated names) runs a subset.
     let only = std::env::var("KILN_BENCH_ONLY").ok();
     type BenchFn = fn(&mut Bench);
-    let benches: [(&str, BenchFn); 16] = [
+    let benches: [(&str, BenchFn); 17] = [
         ("rms_norm", bench_rms_norm),
         ("silu_mul", bench_silu_mul),
         ("step_kernels", bench_step_kernels),
@@ -1166,6 +1237,7 @@ fn main() {
         ("sweep_matmul", sweep_matmul),
         ("skinny", bench_skinny),
         ("sweep_skinny", sweep_skinny),
+        ("prefill_gemm", sweep_prefill_gemm),
     ];
     for (name, run) in benches {
         let wanted = only

@@ -12,7 +12,7 @@
 //! the fragments, O += P·V. At the end the planes' states meet in shared memory and the cube
 //! writes the split's output (or its partial sums and statistics for the merge).
 //!
-//! S takes `head_dim` in any order as long as Q and K take the same one (as the skinny GEMM
+//! S takes `head_dim` in any order as long as Q and K take the same one (as the `mma` GEMM
 //! does): lane (g, t) reads 8 consecutive values of Q rows g, g + 8 and of key g at dimension
 //! 32·j + 8·t with one 16-byte read each. K rows keep their 16-byte groups' halves swapped on
 //! odd keys (group o at o ^ 4), so a plane's reads fall on distinct banks. P·V needs V

@@ -9,6 +9,7 @@ pub mod embedding;
 pub mod gemv;
 pub mod matmul;
 pub(crate) mod mma;
+pub mod mma_gemm;
 pub mod paged_decode_attention;
 pub mod prefill_attention;
 pub mod reduce;
@@ -16,7 +17,6 @@ pub mod rms_norm;
 pub mod rope_kv_write;
 pub mod sample;
 pub mod silu_mul;
-pub mod skinny_gemm;
 pub mod vector;
 
 #[cfg(test)]

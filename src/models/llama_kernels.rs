@@ -6,10 +6,10 @@
 //! folded in (+bias) → [Q/K RMSNorm] → paged attention with RoPE and the KV write folded in
 //! (reading the fused rows; + its merge at longer contexts) → O GEMV adding into the residual
 //! stream → gate-up GEMV with the RMSNorm folded in and SiLU·mul → down GEMV adding into the
-//! residual stream. At 3–64 rows on tensor cores the skinny GEMM takes the GEMVs' place (SwiGLU
-//! and the residual add in its epilogue, each norm a launch of its own, a second launch where
-//! `k` is split). Steps with prompt chunks run RoPE + KV write as a kernel of its own. Larger
-//! batches run a fused add+RMSNorm kernel before cubek's GEMMs.
+//! residual stream. At 3–64 rows on tensor cores kiln's `mma` GEMM takes the GEMVs' place
+//! (SwiGLU and the residual add in its epilogue, each norm a launch of its own, a second launch
+//! where `k` is split). Steps with prompt chunks run RoPE + KV write as a kernel of its own.
+//! Larger batches run a fused add+RMSNorm kernel before cubek's GEMMs.
 //! Attention: one-token chunks (decode) run the split-K paged decode kernel, longer chunks
 //! (prefill, chunked prefill) the tiled causal kernel on tensor cores; logits are computed for
 //! the sampled rows only.
@@ -25,8 +25,9 @@ use kiln_kernels::cubecl::prelude::*;
 use kiln_kernels::cubecl::server::{Handle, ServerError};
 use kiln_kernels::rope_kv_write::Projections;
 use kiln_kernels::{
-    argmax, deferred_tokens, embedding, gemv, matmul, paged_decode_attention as decode_attention,
-    prefill_attention, rms_norm, rope_kv_write, sample, silu_mul, skinny_gemm,
+    argmax, deferred_tokens, embedding, gemv, matmul, mma_gemm,
+    paged_decode_attention as decode_attention, prefill_attention, rms_norm, rope_kv_write, sample,
+    silu_mul,
 };
 
 use super::config::Config;
@@ -39,12 +40,12 @@ use crate::runner::{Forward, Readback, StepOutput};
 /// Which kernel runs a projection, by the rows of the batch.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Path {
-    /// The GEMV (one or two rows, or up to its tile where the skinny GEMM does not run): RMSNorm,
+    /// The GEMV (one or two rows, or up to its tile where the `mma` GEMM does not run): RMSNorm,
     /// SwiGLU and the residual add folded in.
     Gemv,
-    /// The tensor-core skinny GEMM (3–64 rows): SwiGLU and the residual add folded in, the
-    /// norm a launch of its own.
-    Skinny,
+    /// kiln's GEMM on tensor cores (3–64 rows): bias, SwiGLU and the residual add folded in,
+    /// the norm a launch of its own.
+    Mma,
     /// cubek's GEMM, with norm, SiLU·mul and residual add as launches of their own.
     Gemm,
 }
@@ -289,11 +290,13 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
     }
 
     /// The kernel for `rows` rows of `k` inputs. Two rows stay on the GEMV: on the H200 its
-    /// gate-up and lm_head ran 81 and 263 µs there against the skinny GEMM's 104 and 348
-    /// (benches/RESULTS.md), from 4 rows on the skinny GEMM wins.
+    /// gate-up and lm_head ran 81 and 263 µs there against the `mma` GEMM's 104 and 348
+    /// (benches/RESULTS.md), from 4 rows on the `mma` GEMM wins.
     fn path(&self, rows: usize, k: usize) -> Path {
-        if rows > 2 && skinny_gemm::supported::<R, F>(&self.client, rows, k) {
-            Path::Skinny
+        if (3..=mma_gemm::MAX_ROWS).contains(&rows)
+            && mma_gemm::supported::<R, F>(&self.client, rows, k)
+        {
+            Path::Mma
         } else if rows <= gemv::M_TILE {
             Path::Gemv
         } else {
@@ -301,33 +304,33 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
         }
     }
 
-    /// `y` `[rows, n]` from `x` `[rows, p.inp]` and `p`'s weight on the skinny GEMM, with
+    /// `y` `[rows, n]` from `x` `[rows, p.inp]` and `p`'s weight on the `mma` GEMM, with
     /// `epilogue` and the device's spread for that many rows (`Tuning::for_device`).
-    fn skinny(
+    fn mma_gemm(
         &self,
         x: &Handle,
         p: &Proj,
         y: &Handle,
         rows: usize,
         n: usize,
-        epilogue: skinny_gemm::Epilogue,
+        epilogue: mma_gemm::Epilogue,
     ) {
-        let tuning = skinny_gemm::Tuning::for_device::<R, F>(&self.client, rows, epilogue.swiglu);
+        let tuning = mma_gemm::Tuning::for_device::<R, F>(&self.client, rows, epilogue.swiglu);
         let (cl, k) = (&self.client, p.inp);
-        skinny_gemm::launch::<R, F>(cl, x, &p.w, y, rows, n, k, epilogue, tuning);
+        mma_gemm::launch::<R, F>(cl, x, &p.w, y, rows, n, k, epilogue, tuning);
     }
 
     /// `x` `[rows, p.inp]` through projection `p`: the GEMV while the weight read dominates,
-    /// the tensor-core GEMMs beyond (bias projections stay on the GEMV past the skinny GEMM's
-    /// rows: cubek's GEMM adds no bias).
+    /// the tensor-core GEMMs beyond (where cubek's GEMM runs, bias projections stay on the
+    /// GEMV: it adds no bias).
     fn project(&self, x: &Handle, p: &Proj, rows: usize) -> Result<Handle> {
         let y = self.client.empty(rows * p.out * size_of::<F>());
-        if self.path(rows, p.inp) == Path::Skinny {
-            let epilogue = skinny_gemm::Epilogue {
+        if self.path(rows, p.inp) == Path::Mma {
+            let epilogue = mma_gemm::Epilogue {
                 bias: p.b.as_ref(),
                 ..Default::default()
             };
-            self.skinny(x, p, &y, rows, p.out, epilogue);
+            self.mma_gemm(x, p, &y, rows, p.out, epilogue);
         } else if rows > gemv::M_TILE && p.b.is_none() {
             matmul::launch::<R, F>(&self.client, x, &p.w, &y, rows, p.out, p.inp)
                 .map_err(Error::Device)?;
@@ -382,13 +385,13 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
         projs
             .iter()
             .map(|p| {
-                if swiglu && path == Path::Skinny {
+                if swiglu && path == Path::Mma {
                     let y = cl.empty(rows * out_cols(p) * es);
-                    let epilogue = skinny_gemm::Epilogue {
+                    let epilogue = mma_gemm::Epilogue {
                         swiglu,
                         ..Default::default()
                     };
-                    self.skinny(&normed, p, &y, rows, out_cols(p), epilogue);
+                    self.mma_gemm(&normed, p, &y, rows, out_cols(p), epilogue);
                     return Ok(y);
                 }
                 let y = self.project(&normed, p, rows)?;
@@ -403,16 +406,16 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
     }
 
     /// A block's output projection `p` of `x`: added into the residual stream in place by the
-    /// GEMV or the skinny GEMM at decode sizes, else left pending for the next norm (the GEMM
+    /// GEMV or the `mma` GEMM, else left pending for the next norm (cubek's GEMM
     /// cannot add).
     fn residual_projection(&self, s: &mut Stream, x: &Handle, p: &Proj, rows: usize) -> Result<()> {
         let path = self.path(rows, p.inp);
-        if path == Path::Skinny {
-            let epilogue = skinny_gemm::Epilogue {
+        if path == Path::Mma {
+            let epilogue = mma_gemm::Epilogue {
                 accumulate: true,
                 ..Default::default()
             };
-            self.skinny(x, p, &s.residual, rows, p.out, epilogue);
+            self.mma_gemm(x, p, &s.residual, rows, p.out, epilogue);
         } else if path == Path::Gemv {
             let opts = gemv::Options {
                 accumulate: true,

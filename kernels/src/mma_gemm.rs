@@ -1,10 +1,14 @@
-//! Skinny GEMM on tensor cores: `y[m, n] = Σ_k x[m, k] · w[n, k]` for the 2–64 rows of a decode
-//! step with several sequences, against a row-major weight `[n, k]` (HF's `[out, in]`).
+//! GEMM on tensor cores: `y[m, n] = Σ_k x[m, k] · w[n, k]` against a row-major weight `[n, k]`
+//! (HF's `[out, in]`), from the 2–64 rows of a decode step with several sequences to prefill
+//! chunks of thousands, with the projections' epilogues (bias, SwiGLU, residual add) folded in.
 //!
-//! Still bound by reading the weight once, but past a few rows the GEMV's FMAs and its re-reads
-//! of `x` cost more than the read: here each plane of 32 lanes multiplies 16-row tiles of `w`
-//! (`mma` m16n8k16 A fragments, f32 accumulation) by the rows of `x` (the B side, eight per
-//! column tile, up to eight tiles).
+//! Each plane of 32 lanes multiplies 16-row tiles of `w` (`mma` m16n8k16 A fragments, f32
+//! accumulation) by 8-row tiles of `x` (the B side). At decode sizes the product is still bound
+//! by reading the weight once, but past a few rows the GEMV's FMAs and its re-reads of `x` cost
+//! more than the read: all of a cube's planes share one block of up to 64 rows of `x`. Prefill
+//! chunks spread a cube's planes over both sides (64 × 64 a plane) and take one cube per block
+//! of rows of `x` and of `w`, the blocks of `x` fastest, so the cubes at work together share
+//! their weight rows.
 //!
 //! Both operands reach the planes through a ring of shared-memory stages filled by async copies
 //! (`cp.async`, one mbarrier per stage): several chunks of `k` are in flight per cube without
@@ -36,42 +40,50 @@ use crate::mma::{
 };
 use crate::vector::vector_size;
 
-/// Rows of `x` one launch takes (eight `mma` column tiles of 8).
+/// Rows of a decode batch: one block of rows of `x` (eight `mma` column tiles of 8) a cube.
 pub const MAX_ROWS: usize = 64;
 /// `k` must be a multiple of this: one `mma` pair (two k16 steps) per lane read.
 pub const K_STEP: usize = 32;
 
-/// How the work is spread: planes per cube, 16-row weight tiles per plane (even for SwiGLU:
-/// half gate rows, half the matching up rows), `K_STEP`s per stage (even), stages in the ring
-/// (chunks in flight + the one being multiplied), and, for tests, a forced number of `k`
-/// splits.
+/// How the work is spread: planes per cube along the weight rows (`planes`) and along the rows
+/// of `x` (`x_planes`), 16-row weight tiles per plane (even for SwiGLU: half gate rows, half
+/// the matching up rows), at most `x_tiles` 8-row tiles of `x` per plane (≤ 8), `K_STEP`s per
+/// stage (even), stages in the ring (chunks in flight + the one being multiplied), and, for
+/// tests, a forced number of `k` splits. A cube multiplies `16·planes·row_tiles` weight rows by
+/// `8·x_planes·x_tiles` rows of `x`; more rows of `x` take more cubes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
     pub planes: usize,
+    pub x_planes: usize,
     pub row_tiles: usize,
+    pub x_tiles: usize,
     pub chunk_steps: usize,
     pub stages: usize,
     pub splits: Option<usize>,
 }
 
 impl Tuning {
-    /// The spread for `m` rows of `F` on this device, with or without SwiGLU (host-timed sweep
-    /// of 9 spreads on Llama-3.1-8B's decode shapes at 16, 32 and 64 rows, H200,
-    /// benches/RESULTS.md): 8 planes of 2 tiles and 3 stages (best or within 3 % at 16 and 32
-    /// rows on the shapes without SwiGLU), SwiGLU 4 planes and 4 stages (best at 32 rows).
+    /// The spread for `m` rows of `F` on this device, with or without SwiGLU. Decode batches
+    /// (≤ `MAX_ROWS`; host-timed sweep of 9 spreads on Llama-3.1-8B's decode shapes at 16, 32
+    /// and 64 rows, H200, benches/RESULTS.md): one block of rows, 8 planes of 2 tiles and 3
+    /// stages (best or within 3 % at 16 and 32 rows on the shapes without SwiGLU), SwiGLU 4
+    /// planes and 4 stages (best at 32 rows). Past that, prefill chunks: [`PREFILL`].
     /// Stages, then planes, drop until the ring fits the device's shared memory.
     pub fn for_device<R: Runtime, F: CubePrimitive>(
         client: &ComputeClient<R>,
         m: usize,
         swiglu: bool,
     ) -> Tuning {
-        let (planes, stages) = if swiglu { (4, 4) } else { (8, 3) };
-        let mut tuning = Tuning {
-            planes,
-            row_tiles: 2,
-            chunk_steps: 2,
-            stages,
-            splits: None,
+        let mut tuning = if m > MAX_ROWS {
+            PREFILL
+        } else if swiglu {
+            Tuning {
+                planes: 4,
+                stages: 4,
+                ..DECODE
+            }
+        } else {
+            DECODE
         };
         let limit = client.properties().hardware.max_shared_memory_size;
         let hardware = has_tensor_cores::<R, F>(client);
@@ -88,13 +100,28 @@ impl Tuning {
         tuning
     }
 
+    /// 8-row tiles of `x` per plane for `m` rows.
+    fn m_tiles(&self, m: usize) -> usize {
+        self.x_tiles.min(m.div_ceil(8 * self.x_planes)).max(1)
+    }
+
+    /// Rows of `x` a cube takes for `m` rows.
+    fn x_rows(&self, m: usize) -> usize {
+        8 * self.x_planes * self.m_tiles(m)
+    }
+
+    /// Units of a cube.
+    fn units(&self) -> usize {
+        self.planes * self.x_planes * WARP
+    }
+
     /// Cubes of this spread an SM holds at once, by shared memory (a cube takes `shared` bytes;
     /// `limit`, the most one cube may take, stands for the SM's) and by an estimate of the
     /// registers (ptxas on sm_90, two row tiles: 54–66 at one or two column tiles, 96 at four,
     /// 142 at eight).
     fn cubes_per_sm(&self, m: usize, shared: usize, limit: usize) -> usize {
-        let units = self.planes * WARP;
-        let regs = 64 + 5 * self.row_tiles * m.div_ceil(8);
+        let units = self.units();
+        let regs = 64 + 5 * self.row_tiles * self.m_tiles(m);
         let by_shared = (limit + 1024) / (shared + 1024);
         let by_regs = 65536 / (units * regs);
         by_shared.min(by_regs).min(2048 / units).max(1)
@@ -103,15 +130,40 @@ impl Tuning {
     /// Bytes of shared memory a cube of this spread takes for `m` rows of `elem`-byte values
     /// (and the emulated `mma`'s scratch without tensor cores).
     fn shared_bytes(&self, m: usize, elem: usize, hardware: bool) -> usize {
-        let rows = 16 * self.planes * self.row_tiles + 8 * m.div_ceil(8);
+        let rows = 16 * self.planes * self.row_tiles + self.x_rows(m);
         let scratch = if hardware {
             0
         } else {
-            self.planes * EMULATION_SCRATCH * 4
+            self.planes * self.x_planes * EMULATION_SCRATCH * 4
         };
         self.stages * rows * self.chunk_steps * K_STEP * elem + scratch
     }
 }
+
+/// Decode batches: one block of up to 64 rows, 8 planes of two 16-row weight tiles.
+const DECODE: Tuning = Tuning {
+    planes: 8,
+    x_planes: 1,
+    row_tiles: 2,
+    x_tiles: 8,
+    chunk_steps: 2,
+    stages: 3,
+    splits: None,
+};
+
+/// Prefill chunks: 128 weight rows × 128 rows of `x` a cube, 64 × 64 a plane (the most
+/// products per byte read from shared memory that 255 registers hold), two cubes an SM: of 8
+/// spreads on Llama-3.1-8B's projections at 2,048 rows the one within 9 % of the best on every
+/// shape (H200, benches/RESULTS.md).
+pub const PREFILL: Tuning = Tuning {
+    planes: 2,
+    x_planes: 2,
+    row_tiles: 4,
+    x_tiles: 8,
+    chunk_steps: 2,
+    stages: 3,
+    splits: None,
+};
 
 /// What happens to the product before it is stored.
 #[derive(Clone, Copy, Default)]
@@ -123,14 +175,14 @@ pub struct Epilogue<'a> {
     pub accumulate: bool,
 }
 
-/// Whether this kernel runs on the device for `F` and these sizes (otherwise: the GEMV or the
-/// general GEMM).
+/// Whether this kernel runs on tensor cores on the device for `F` and these sizes (otherwise:
+/// the GEMV or cubek's GEMM).
 pub fn supported<R: Runtime, F: CubePrimitive>(
     client: &ComputeClient<R>,
     m: usize,
     k: usize,
 ) -> bool {
-    has_tensor_cores::<R, F>(client) && (2..=MAX_ROWS).contains(&m) && k.is_multiple_of(K_STEP)
+    has_tensor_cores::<R, F>(client) && m >= 2 && k.is_multiple_of(K_STEP)
 }
 
 /// The cube's share of `k`.
@@ -171,9 +223,12 @@ fn finish<F: Float>(
 
 /// The shape of a stage, all comptime: `chunk` vectors per row (`steps` `K_STEP`s), `w_rows`
 /// weight rows (the cube's) then `x_rows` rows of `x`; `units` copy `w_slots` weight vectors
-/// and `x_slots` `x` vectors each per stage.
+/// and `x_slots` `x` vectors each per stage; plane `p` multiplies the weight tiles of
+/// `p % planes` by the `x` tiles of `p / planes`.
 #[derive(CubeType, Clone, Copy)]
 struct Ring {
+    #[cube(comptime)]
+    planes: usize,
     #[cube(comptime)]
     chunk: usize,
     #[cube(comptime)]
@@ -192,6 +247,9 @@ struct Ring {
     x_slots: usize,
     #[cube(comptime)]
     stage: usize,
+    /// Every split is whole chunks of `k` (no step of a chunk to skip).
+    #[cube(comptime)]
+    whole_chunks: bool,
 }
 
 /// Where vector `c` of stage row `row` lies: odd rows swap the halves of their 16-byte groups
@@ -261,13 +319,18 @@ fn multiply<F: Float, N: Size>(
     let vp8 = ring.vecs_per_8;
     let lane = UNIT_POS as usize % WARP;
     let plane = UNIT_POS as usize / WARP;
+    let (pw, px) = (plane % ring.planes, plane / ring.planes);
     let (g, t) = (lane / 4, lane % 4);
     // Rows g and g + 8 of every tile and of every x tile share g's parity: one swizzle.
-    let w0 = st * ring.stage + (plane * row_tiles * 16 + g) * ring.chunk;
-    let x0 = st * ring.stage + (ring.w_rows + g) * ring.chunk;
+    let w0 = st * ring.stage + (pw * row_tiles * 16 + g) * ring.chunk;
+    let x0 = st * ring.stage + (ring.w_rows + px * m_tiles * 8 + g) * ring.chunk;
     #[unroll]
     for j in 0..steps {
-        if s + j < span.s1 {
+        let mut live = true;
+        if comptime![!ring.whole_chunks] {
+            live = s + j < span.s1;
+        }
+        if live {
             let c = ((j * 4 + t) ^ ((g % 2) * 4)) * vp8;
             // The lane's 8 values of weight rows g, g + 8 of each tile: A fragments.
             let mut wa = Array::<Vector<F, N>>::new(comptime![2 * row_tiles * vp8]);
@@ -278,20 +341,24 @@ fn multiply<F: Float, N: Size>(
                     wa[r * vp8 + v] = ring_s[w0 + r * 8 * ring.chunk + c + v];
                 }
             }
+            // The lane's 8 values of its row g of each x tile: B fragments.
+            let mut xb = Array::<Vector<F, N>>::new(comptime![m_tiles * vp8]);
+            #[unroll]
+            for mt in 0..m_tiles {
+                #[unroll]
+                for v in 0..vp8 {
+                    xb[mt * vp8 + v] = ring_s[x0 + mt * 8 * ring.chunk + c + v];
+                }
+            }
             // Consecutive products go to different accumulators (a product's result is
-            // needed again only 2·m_tiles·row_tiles products later).
+            // needed again only m_tiles·row_tiles products later).
             #[unroll]
             for half in 0..2usize {
                 #[unroll]
                 for mt in 0..m_tiles {
-                    let mut xb = Array::<Vector<F, N>>::new(vp8);
-                    #[unroll]
-                    for v in 0..vp8 {
-                        xb[v] = ring_s[x0 + mt * 8 * ring.chunk + c + v];
-                    }
                     let mut b = Array::<Pair<F>>::new(2usize);
-                    b[0] = pair_of::<F, N>(&xb, 0, 4 * half);
-                    b[1] = pair_of::<F, N>(&xb, 0, 4 * half + 2);
+                    b[0] = pair_of::<F, N>(&xb, mt * vp8, 4 * half);
+                    b[1] = pair_of::<F, N>(&xb, mt * vp8, 4 * half + 2);
                     #[unroll]
                     for r in 0..row_tiles {
                         let (lo, hi) = (2 * r * vp8, (2 * r + 1) * vp8);
@@ -316,7 +383,7 @@ fn multiply<F: Float, N: Size>(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn skinny_gemm_kernel<F: Float, N: Size>(
+fn mma_gemm_kernel<F: Float, N: Size>(
     x: &Array<Vector<F, N>>,
     w: &Array<Vector<F, N>>,
     bias: &Array<F>,
@@ -329,9 +396,11 @@ fn skinny_gemm_kernel<F: Float, N: Size>(
     #[comptime] vec: usize,
     #[comptime] m_tiles: usize,
     #[comptime] planes: usize,
+    #[comptime] x_planes: usize,
     #[comptime] row_tiles: usize,
     #[comptime] steps: usize,
     #[comptime] stages: usize,
+    #[comptime] whole_chunks: bool,
     #[comptime] hardware: bool,
     #[comptime] split: bool,
     #[comptime] has_bias: bool,
@@ -340,11 +409,12 @@ fn skinny_gemm_kernel<F: Float, N: Size>(
 ) {
     let per_step = comptime![K_STEP / vec];
     let k_vecs = k_steps * per_step;
-    let units = comptime![planes * WARP];
+    let units = comptime![planes * x_planes * WARP];
     let chunk = comptime![steps * per_step];
     let w_rows = comptime![16 * planes * row_tiles];
-    let x_rows = comptime![8 * m_tiles];
+    let x_rows = comptime![8 * x_planes * m_tiles];
     let ring = comptime![Ring {
+        planes,
         chunk,
         per_step,
         vecs_per_8: 8 / vec,
@@ -354,13 +424,14 @@ fn skinny_gemm_kernel<F: Float, N: Size>(
         w_slots: w_rows * chunk / units,
         x_slots: (x_rows * chunk).div_ceil(units),
         stage: (w_rows + x_rows) * chunk,
+        whole_chunks,
     }];
     let mut ring_s =
         SharedMemory::<Vector<F, N>>::new_aligned(comptime![stages * ring.stage], 16usize);
     let mut scratch = SharedMemory::<f32>::new(comptime![if hardware {
         1
     } else {
-        planes * EMULATION_SCRATCH
+        planes * x_planes * EMULATION_SCRATCH
     }]);
     let mut ready = Sequence::<Shared<Barrier>>::new();
     if comptime![hardware] {
@@ -374,9 +445,16 @@ fn skinny_gemm_kernel<F: Float, N: Size>(
     // below them.
     let halves = comptime![if swiglu { 2usize } else { 1usize }];
     let tiles_per_half = comptime![row_tiles / halves];
+    // Cubes: x row blocks (fastest: the cubes at work together share their weight rows, read
+    // from memory once), weight row blocks, splits of `k`.
+    let (x_block, w_block, split_at) = (
+        CUBE_POS_X as usize,
+        CUBE_POS_Y as usize,
+        CUBE_POS_Z as usize,
+    );
     let span = Span {
-        s0: CUBE_POS_Y as usize * split_steps,
-        s1: usize::min((CUBE_POS_Y as usize + 1) * split_steps, k_steps),
+        s0: split_at * split_steps,
+        s1: usize::min((split_at + 1) * split_steps, k_steps),
     };
     // The unit's copy sources at `k = 0`: its rows (clamped in bounds: weight rows past `n_out`
     // and x rows past `m` are read but never stored), vector `UNIT_POS % chunk`.
@@ -387,14 +465,15 @@ fn skinny_gemm_kernel<F: Float, N: Size>(
     for i in 0..ring.w_slots {
         let lr = row0 + i * (units / chunk);
         let (plane, r) = (lr / (16 * row_tiles), (lr / 16) % row_tiles);
-        let tile = (CUBE_POS_X as usize * planes + plane) * tiles_per_half + r % tiles_per_half;
+        let tile = (w_block * planes + plane) * tiles_per_half + r % tiles_per_half;
         let row = usize::min(tile * 16 + lr % 16, n_out - 1) + (r / tiles_per_half) * n_out;
         w_src[i] = row * k_vecs + c;
     }
     let mut x_src = Array::<usize>::new(ring.x_slots);
     #[unroll]
     for i in 0..ring.x_slots {
-        x_src[i] = usize::min(row0 + i * (units / chunk), m - 1) * k_vecs + c;
+        let row = x_block * x_rows + row0 + i * (units / chunk);
+        x_src[i] = usize::min(row, m - 1) * k_vecs + c;
     }
 
     let mut acc = Array::<Pair<f32>>::new(comptime![row_tiles * m_tiles * 2]);
@@ -462,8 +541,10 @@ fn skinny_gemm_kernel<F: Float, N: Size>(
     // Lane (g, t) holds weight rows g, g + 8 of each tile at x rows 8·mt + 2t, + 1.
     let lane = UNIT_POS as usize % WARP;
     let plane = UNIT_POS as usize / WARP;
+    let (pw, px) = (plane % planes, plane / planes);
     let (g, t) = (lane / 4, lane % 4);
-    let first_tile = (CUBE_POS_X as usize * planes + plane) * tiles_per_half;
+    let first_tile = (w_block * planes + pw) * tiles_per_half;
+    let first_row = x_block * x_rows + px * m_tiles * 8;
     let w_total = halves * n_out;
     #[unroll]
     for r in 0..comptime![if split { row_tiles } else { tiles_per_half }] {
@@ -475,12 +556,12 @@ fn skinny_gemm_kernel<F: Float, N: Size>(
             for mt in 0..m_tiles {
                 #[unroll]
                 for e in 0..2usize {
-                    let row = 8 * mt + 2 * t + e;
+                    let row = first_row + 8 * mt + 2 * t + e;
                     if col < n_out && row < m {
                         let v = acc[(r * m_tiles + mt) * 2 + h][e];
                         if comptime![split] {
                             let wr = col + (r / tiles_per_half) * n_out;
-                            partial[(CUBE_POS_Y as usize * m + row) * w_total + wr] = v;
+                            partial[(split_at * m + row) * w_total + wr] = v;
                         } else {
                             let mut up = f32::new(0.0);
                             if comptime![swiglu] {
@@ -542,10 +623,10 @@ fn steps_per_split(k_steps: usize, splits: usize, tuning: Tuning) -> usize {
 /// The `K_STEP`s per split with the least estimated time: every wave of cubes costs as if it
 /// filled all `slots` (a wave's last cubes set its length) plus a pipeline fill, and every
 /// split past the first writes and reads back `outputs` f32 partial sums (a 64-row product of
-/// k = 4096 adds 6 % of the weight's bytes per split).
+/// k = 4096 adds 6 % of the weight's bytes per split). `blocks`: cubes per split.
 fn best_split(
     k_steps: usize,
-    row_blocks: usize,
+    blocks: usize,
     slots: usize,
     w_bytes: usize,
     outputs: usize,
@@ -555,7 +636,7 @@ fn best_split(
     const FILL_BYTES: f64 = 4e6;
     let cost = |split_steps: usize| {
         let splits = k_steps.div_ceil(split_steps);
-        let cubes = row_blocks * splits;
+        let cubes = blocks * splits;
         let waves = cubes.div_ceil(slots);
         let partial = if splits > 1 { splits * outputs * 8 } else { 0 };
         let bytes = (w_bytes + partial) as f64;
@@ -584,33 +665,51 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
 ) {
     let Tuning {
         planes,
+        x_planes,
         row_tiles,
         chunk_steps,
         stages,
         splits,
+        ..
     } = tuning;
-    assert!(
-        m <= MAX_ROWS && k.is_multiple_of(K_STEP) && stages >= 2 && chunk_steps % 2 == 0,
-        "skinny GEMM shape m {m} k {k}, {tuning:?}"
-    );
     let v = vector_size(client, size_of::<F>(), 8);
+    // A stage's copies spread evenly: whole rows per copy slot, whole weight slots per unit.
+    let (chunk, units) = (chunk_steps * K_STEP / v, tuning.units());
+    assert!(
+        k.is_multiple_of(K_STEP)
+            && stages >= 2
+            && chunk_steps % 2 == 0
+            && tuning.x_tiles <= 8
+            && units.is_multiple_of(chunk)
+            && (16 * planes * row_tiles * chunk).is_multiple_of(units),
+        "mma GEMM shape m {m} k {k}, {tuning:?}"
+    );
     let hardware = has_tensor_cores::<R, F>(client);
     let hw = &client.properties().hardware;
     let shared = tuning.shared_bytes(m, size_of::<F>(), hardware);
     assert!(
         shared <= hw.max_shared_memory_size,
-        "skinny GEMM {tuning:?} at {m} rows takes {shared} bytes of shared memory, the device gives {}",
+        "mma GEMM {tuning:?} at {m} rows takes {shared} bytes of shared memory, the device gives {}",
         hw.max_shared_memory_size
     );
     let halves = if epilogue.swiglu { 2 } else { 1 };
     let row_blocks = n.div_ceil(16 * planes * row_tiles / halves);
+    let m_tiles = tuning.m_tiles(m);
+    let x_blocks = m.div_ceil(tuning.x_rows(m));
     let k_steps = k / K_STEP;
     let sms = hw.num_streaming_multiprocessors.unwrap_or(1) as usize;
     let slots = sms * tuning.cubes_per_sm(m, shared, hw.max_shared_memory_size);
     let w_bytes = halves * n * k * size_of::<F>();
     let split_steps = match splits {
         Some(s) => steps_per_split(k_steps, s, tuning),
-        None => best_split(k_steps, row_blocks, slots, w_bytes, m * halves * n, tuning),
+        None => best_split(
+            k_steps,
+            row_blocks * x_blocks,
+            slots,
+            w_bytes,
+            m * halves * n,
+            tuning,
+        ),
     };
     let splits = k_steps.div_ceil(split_steps);
     let split = splits > 1;
@@ -622,10 +721,10 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     // Every index stays in bounds (weight and x rows are clamped, stores guarded; the tests and
     // compute-sanitizer check it), so the launch skips CubeCL's per-access bounds checks.
     unsafe {
-        skinny_gemm_kernel::launch_unchecked::<F, R>(
+        mma_gemm_kernel::launch_unchecked::<F, R>(
             client,
-            CubeCount::Static(row_blocks as u32, splits as u32, 1),
-            CubeDim::new_1d((planes * WARP) as u32),
+            CubeCount::Static(x_blocks as u32, row_blocks as u32, splits as u32),
+            CubeDim::new_1d(units as u32),
             v,
             arr(x, m * k / v),
             arr(w, w_rows * k / v),
@@ -637,11 +736,13 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
             k_steps,
             split_steps,
             v,
-            m.div_ceil(8),
+            m_tiles,
             planes,
+            x_planes,
             row_tiles,
             chunk_steps,
             stages,
+            k_steps.is_multiple_of(chunk_steps),
             hardware,
             split,
             epilogue.bias.is_some(),
@@ -731,7 +832,9 @@ mod tests {
     /// One plane of two tiles, a ring of three stages (it wraps around within a split).
     const SMALL: Tuning = Tuning {
         planes: 1,
+        x_planes: 1,
         row_tiles: 2,
+        x_tiles: 8,
         chunk_steps: 2,
         stages: 3,
         splits: None,
@@ -740,7 +843,21 @@ mod tests {
     /// Planes of one weight tile.
     const ONE_TILE: Tuning = Tuning {
         planes: 2,
+        x_planes: 1,
         row_tiles: 1,
+        x_tiles: 8,
+        chunk_steps: 2,
+        stages: 2,
+        splits: None,
+    };
+
+    /// Two planes along the rows of `x`, one 8-row tile each: 16 rows a cube, so a few dozen
+    /// rows take several cubes (the prefill spread, scaled to lavapipe's shared memory).
+    const ROW_BLOCKS: Tuning = Tuning {
+        planes: 1,
+        x_planes: 2,
+        row_tiles: 2,
+        x_tiles: 1,
         chunk_steps: 2,
         stages: 2,
         splits: None,
@@ -778,13 +895,7 @@ mod tests {
     /// down (k = 14336) at 64 rows, and none for the lm_head's 501 blocks.
     #[test]
     fn splits_fill_one_wave() {
-        let t = Tuning {
-            planes: 8,
-            row_tiles: 2,
-            chunk_steps: 2,
-            stages: 3,
-            splits: None,
-        };
+        let t = DECODE;
         let splits = |k: usize, n: usize| {
             let k_steps = k / K_STEP;
             let blocks = n.div_ceil(256);
@@ -793,6 +904,27 @@ mod tests {
         assert_eq!(splits(4096, 4096), 8);
         assert_eq!(splits(14336, 4096), 8);
         assert_eq!(splits(4096, 128256), 1);
+    }
+
+    #[test]
+    fn blocks_of_rows_with_every_epilogue() {
+        for (m, n, k) in [(37, 70, 96), (16, 40, 64)] {
+            check::<f32>(m, n, k, (false, false, false), ROW_BLOCKS, 1e-5);
+        }
+        check::<f32>(50, 40, 128, (true, false, true), ROW_BLOCKS, 1e-5);
+        check::<f32>(33, 40, 128, (false, true, false), ROW_BLOCKS, 1e-5);
+        let split = Tuning {
+            splits: Some(2),
+            ..ROW_BLOCKS
+        };
+        check::<f32>(41, 48, 320, (true, false, false), split, 1e-5);
+        // Planes along both the weight rows and the rows of x.
+        let grid = Tuning {
+            planes: 2,
+            row_tiles: 1,
+            ..ROW_BLOCKS
+        };
+        check::<f32>(45, 100, 96, (false, false, true), grid, 1e-5);
     }
 
     #[test]
