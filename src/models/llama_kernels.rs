@@ -7,9 +7,10 @@
 //! (reading the fused rows; + its merge at longer contexts) → O GEMV adding into the residual
 //! stream → gate-up GEMV with the RMSNorm folded in and SiLU·mul → down GEMV adding into the
 //! residual stream. At 3–64 rows on tensor cores kiln's `mma` GEMM takes the GEMVs' place
-//! (SwiGLU and the residual add in its epilogue, each norm a launch of its own, a second launch
-//! where `k` is split). Steps with prompt chunks run RoPE + KV write as a kernel of its own.
-//! Larger batches run a fused add+RMSNorm kernel before cubek's GEMMs.
+//! (bias, SwiGLU and the residual add in its epilogue, each norm a launch of its own, a second
+//! launch where `k` is split). Steps with prompt chunks run RoPE + KV write as a kernel of its
+//! own. Larger batches run a fused add+RMSNorm kernel before cubek's GEMMs (bias projections:
+//! the `mma` GEMM).
 //! Attention: one-token chunks (decode) run the split-K paged decode kernel, longer chunks
 //! (prefill, chunked prefill) the tiled causal kernel on tensor cores; logits are computed for
 //! the sampled rows only.
@@ -291,7 +292,9 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
 
     /// The kernel for `rows` rows of `k` inputs. Two rows stay on the GEMV: on the H200 its
     /// gate-up and lm_head ran 81 and 263 µs there against the `mma` GEMM's 104 and 348
-    /// (benches/RESULTS.md), from 4 rows on the `mma` GEMM wins.
+    /// (benches/RESULTS.md), from 4 rows on the `mma` GEMM wins. Past a decode batch's 64 rows
+    /// cubek's GEMMs ran Llama-3.1-8B's prefill projections as fast as the `mma` GEMM (within
+    /// 6 % either way) and serving ran no faster on the latter, so they keep larger batches.
     fn path(&self, rows: usize, k: usize) -> Path {
         if (3..=mma_gemm::MAX_ROWS).contains(&rows)
             && mma_gemm::supported::<R, F>(&self.client, rows, k)
@@ -321,11 +324,17 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
     }
 
     /// `x` `[rows, p.inp]` through projection `p`: the GEMV while the weight read dominates,
-    /// the tensor-core GEMMs beyond (where cubek's GEMM runs, bias projections stay on the
-    /// GEMV: it adds no bias).
+    /// the tensor-core GEMMs beyond (bias projections of large batches on the `mma` GEMM, or
+    /// on the GEMV where the device lacks `mma`).
     fn project(&self, x: &Handle, p: &Proj, rows: usize) -> Result<Handle> {
         let y = self.client.empty(rows * p.out * size_of::<F>());
-        if self.path(rows, p.inp) == Path::Mma {
+        let path = self.path(rows, p.inp);
+        // cubek's GEMM adds no bias, and the GEMV reads the weight once every few rows: a
+        // large batch's bias projection takes the `mma` GEMM where the device runs it.
+        let biased_on_mma = path == Path::Gemm
+            && p.b.is_some()
+            && mma_gemm::supported::<R, F>(&self.client, rows, p.inp);
+        if path == Path::Mma || biased_on_mma {
             let epilogue = mma_gemm::Epilogue {
                 bias: p.b.as_ref(),
                 ..Default::default()
