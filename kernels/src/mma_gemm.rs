@@ -832,23 +832,15 @@ mod tests {
     /// One plane of two tiles, a ring of three stages (it wraps around within a split).
     const SMALL: Tuning = Tuning {
         planes: 1,
-        x_planes: 1,
-        row_tiles: 2,
-        x_tiles: 8,
-        chunk_steps: 2,
-        stages: 3,
-        splits: None,
+        ..DECODE
     };
 
     /// Planes of one weight tile.
     const ONE_TILE: Tuning = Tuning {
         planes: 2,
-        x_planes: 1,
         row_tiles: 1,
-        x_tiles: 8,
-        chunk_steps: 2,
         stages: 2,
-        splits: None,
+        ..DECODE
     };
 
     /// Two planes along the rows of `x`, one 8-row tile each: 16 rows a cube, so a few dozen
@@ -856,11 +848,9 @@ mod tests {
     const ROW_BLOCKS: Tuning = Tuning {
         planes: 1,
         x_planes: 2,
-        row_tiles: 2,
         x_tiles: 1,
-        chunk_steps: 2,
         stages: 2,
-        splits: None,
+        ..DECODE
     };
     #[test]
     fn ragged_rows_and_columns() {
