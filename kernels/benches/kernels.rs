@@ -1005,9 +1005,9 @@ impl ProjCase {
     }
 }
 
-/// The skinny GEMM on the decode projections at 2–64 rows, beside the GEMV (≤ 8 rows, SwiGLU
-/// folded in) and cubek's GEMM (plus SiLU·mul for gate-up) on the same data: µs per launch and
-/// the weight's read rate as a share of the copy bandwidth.
+/// `mma_gemm` on the decode projections at 2–64 rows, beside the GEMV (≤ 8 rows, SwiGLU folded
+/// in) and cubek's GEMM (plus SiLU·mul for gate-up) on the same data: µs per launch and the
+/// weight's read rate as a share of the copy bandwidth.
 fn bench_skinny(b: &mut Bench) {
     let shapes: Vec<(&str, usize, usize, bool)> = if b.quick {
         vec![("quick", 300, 512, false), ("quick_swiglu", 150, 512, true)]
@@ -1075,7 +1075,7 @@ fn bench_skinny(b: &mut Bench) {
     }
 }
 
-/// The skinny GEMM's spread (planes × 16-row tiles per plane × K_STEPs per stage × stages,
+/// `mma_gemm`'s decode spread (planes × 16-row tiles per plane × K_STEPs per stage × stages,
 /// and a forced number of `k` splits) on the decode projections at 16, 32 and 64 rows.
 fn sweep_skinny(b: &mut Bench) {
     let tunings = [
