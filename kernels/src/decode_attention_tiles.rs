@@ -23,7 +23,7 @@ use cubecl::frontend::barrier::Barrier;
 use cubecl::prelude::*;
 
 use crate::mma::{copy_vec, mma, pair_of, stage_barrier, Pair, EMULATION_SCRATCH, WARP};
-use crate::paged_decode_attention::{key_rows, rotated, write_new_token, SplitAt};
+use crate::paged_decode_attention::{key_rows, rotated, split_at, write_new_token};
 
 /// Keys a plane takes per stage: two 8-key tiles of S, one k16 step of P·V.
 pub const PLANE_KEYS: usize = 16;
@@ -229,20 +229,12 @@ pub(crate) fn tile_kernel<F: Float, N: Size>(
     #[comptime] fresh: bool,
     #[comptime] hardware: bool,
 ) {
-    let token = CUBE_POS_X as usize;
-    let row = query_rows[token] as usize; // the query's row in `q` and `out`
-    let kvh = CUBE_POS_Y as usize;
-    let split = CUBE_POS_Z as usize;
-    let ctx = context_lens[token] as usize;
-    let first = split * split_keys;
-    // Uniform across the cube: the whole cube leaves together.
-    if first >= ctx {
-        terminate!();
-    }
-    let n_keys = usize::min(split_keys, ctx - first);
+    let at = split_at(query_rows, context_lens, split_keys);
+    // The query's row in `q` and `out`; its position, the last key.
+    let (token, row, kvh, n_keys, pos) = (at.token, at.row, at.kvh, at.n_keys, at.pos);
+    let (split, ctx) = (CUBE_POS_Z as usize, pos + 1);
     let heads = kv_heads * group;
     let half = comptime![head_dim / 2];
-    let pos = ctx - 1; // the query's position: the last key
     let units = comptime![planes * WARP];
     let vecs = comptime![head_dim / vec];
     let vp8 = comptime![8 / vec];
@@ -260,14 +252,6 @@ pub(crate) fn tile_kernel<F: Float, N: Size>(
     // The split's K/V row offsets (vectors), one block-table lookup per key; the query tile
     // (the group's heads, rotated if fresh; zero rows past the group).
     let mut rows = SharedMemory::<u32>::new(split_keys);
-    let at = SplitAt {
-        token,
-        row,
-        kvh,
-        first,
-        n_keys,
-        pos,
-    };
     key_rows(
         block_tables,
         &mut rows,

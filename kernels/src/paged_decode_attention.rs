@@ -174,6 +174,30 @@ pub(crate) struct SplitAt {
     pub pos: usize,
 }
 
+/// The split cube's place (cube → query token, K/V head, split of `split_keys` keys); a cube
+/// whose split starts past its context leaves at once (uniform across the cube).
+#[cube]
+pub(crate) fn split_at(
+    query_rows: &Array<u32>,
+    context_lens: &Array<u32>,
+    #[comptime] split_keys: usize,
+) -> SplitAt {
+    let token = CUBE_POS_X as usize;
+    let ctx = context_lens[token] as usize;
+    let first = CUBE_POS_Z as usize * split_keys;
+    if first >= ctx {
+        terminate!();
+    }
+    SplitAt {
+        token,
+        row: query_rows[token] as usize,
+        kvh: CUBE_POS_Y as usize,
+        first,
+        n_keys: usize::min(split_keys, ctx - first),
+        pos: ctx - 1,
+    }
+}
+
 /// The offsets (in vectors, `vecs` to a head's row) of the split's K/V rows, one block-table
 /// lookup per key, into `rows`.
 #[cube]
@@ -288,22 +312,13 @@ fn split_kernel<F: Float, N: Size>(
     #[comptime] lanes: usize,
     #[comptime] fresh: bool,
 ) {
-    let token = CUBE_POS_X as usize;
-    let row = query_rows[token] as usize; // the query's row in `q` and `out`
-    let kvh = CUBE_POS_Y as usize;
-    let split = CUBE_POS_Z as usize;
-    let ctx = context_lens[token] as usize;
-    let first = split * split_keys;
-    // Uniform across the cube: the whole cube leaves together.
-    if first >= ctx {
-        terminate!();
-    }
-    let n_keys = usize::min(split_keys, ctx - first);
+    let at = split_at(query_rows, context_lens, split_keys);
+    // The query's row in `q` and `out`; its position, the last key.
+    let (token, row, kvh, n_keys, pos) = (at.token, at.row, at.kvh, at.n_keys, at.pos);
+    let (split, ctx) = (CUBE_POS_Z as usize, pos + 1);
     let heads = kv_heads * group;
     let vecs = comptime![head_dim / vec];
     let half = comptime![head_dim / 2];
-    // The query's position: the last key.
-    let pos = ctx - 1;
 
     // The group's query heads, pre-scaled (and rotated, fresh).
     let mut q_s = SharedMemory::<f32>::new(group * head_dim);
@@ -323,14 +338,6 @@ fn split_kernel<F: Float, N: Size>(
         q_s[i] = x * scale;
         i += threads;
     }
-    let at = SplitAt {
-        token,
-        row,
-        kvh,
-        first,
-        n_keys,
-        pos,
-    };
     key_rows(
         block_tables,
         &mut rows,
