@@ -1003,6 +1003,18 @@ impl ProjCase {
         let (m, n, k) = (self.m, w.n, w.k);
         mma_gemm::launch::<R, bf16>(&b.client, &self.x, wh, &self.y, m, n, k, ep, tuning);
     }
+    /// cubek's GEMM on copy `i` of the weight, then SiLU·mul from `full` (`[m, 2·n]`) for a
+    /// gate-up weight.
+    fn cubek(&self, b: &Bench, w: &ProjWeight, i: usize, full: &Handle) {
+        let wh = &w.ws[i % w.ws.len()];
+        let (m, n, k) = (self.m, w.n, w.k);
+        let out = if w.swiglu { full } else { &self.y };
+        let w_rows = if w.swiglu { 2 * n } else { n };
+        matmul::launch::<R, bf16>(&b.client, &self.x, wh, out, m, w_rows, k).expect("matmul");
+        if w.swiglu {
+            silu_mul::launch::<R, bf16>(&b.client, full, &self.y, m, n);
+        }
+    }
 }
 
 /// `mma_gemm` on the decode projections at 2–64 rows, beside the GEMV (≤ 8 rows, SwiGLU folded
@@ -1054,12 +1066,7 @@ fn bench_skinny(b: &mut Bench) {
                     let t = gemv::DEFAULT_TUNING;
                     gemv::launch_with::<R, bf16>(&b.client, &case.x, wh, &case.y, m, n, k, opts, t)
                 } else {
-                    let out = if swiglu { &full } else { &case.y };
-                    matmul::launch::<R, bf16>(&b.client, &case.x, wh, out, m, w_rows, k)
-                        .expect("matmul");
-                    if swiglu {
-                        silu_mul::launch::<R, bf16>(&b.client, &full, &case.y, m, n);
-                    }
+                    case.cubek(b, &w, i, &full);
                 }
             };
             let other = if m <= gemv::M_TILE {
@@ -1171,17 +1178,9 @@ fn sweep_prefill_gemm(b: &mut Bench) {
         }
         let w_rows = if swiglu { 2 * n } else { n };
         let full = b.poisoned(m * w_rows);
-        let run = |i: usize| {
-            let wh = &w.ws[i % w.ws.len()];
-            let out = if swiglu { &full } else { &case.y };
-            matmul::launch::<R, bf16>(&b.client, &case.x, wh, out, m, w_rows, k).expect("matmul");
-            if swiglu {
-                silu_mul::launch::<R, bf16>(&b.client, &full, &case.y, m, n);
-            }
-        };
-        run(0);
+        case.cubek(b, &w, 0, &full);
         let err = case.check(b, "matmul (cubek)");
-        let secs = b.time(10, run);
+        let secs = b.time(10, |i| case.cubek(b, &w, i, &full));
         report(b, "matmul (cubek)".into(), secs, err);
     }
 }
