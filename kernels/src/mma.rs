@@ -48,6 +48,69 @@ pub(crate) fn pair_of<F: Float, N: Size>(
     p
 }
 
+/// Where vector `c` of row `row` lies in a ring stage of `chunk` vectors a row (`vp8`
+/// vectors hold 8 values; at least 8 such groups a row): group `o` at `o ^ (row % 8)`, so one
+/// group of 8 consecutive rows (a phase of `ldmatrix`) and the 8 groups of a row (a phase of
+/// copies into the stage) each fall on distinct banks.
+#[cube]
+pub(crate) fn swizzled(
+    row: usize,
+    c: usize,
+    #[comptime] chunk: usize,
+    #[comptime] vp8: usize,
+) -> usize {
+    row * chunk + ((c / vp8) ^ (row % 8)) * vp8 + c % vp8
+}
+
+/// Four 8×8 matrices of a [`swizzled`] stage starting at vector `base` as `mma` fragment
+/// registers: matrix `i` is rows `row0 + 8·(i % row_blocks)` to + 7 (`row0` a multiple of 8) at
+/// 8-value group `group0 + i / row_blocks`, and lane (g, t) gets values 2t, 2t + 1 of its row g
+/// in register `i` (`ldmatrix`, or plain loads without tensor cores). With `row_blocks` 2, an
+/// A fragment (rows g, g + 8 at k groups `group0`, + 1); with 1, the B fragments of two k16
+/// steps (groups `group0` to + 3 of rows 0–7). No register needs moving before the `mma`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn load_fragments<F: Float, N: Size>(
+    ring_s: &SharedMemory<Vector<F, N>>,
+    base: usize,
+    row0: usize,
+    group0: usize,
+    #[comptime] row_blocks: usize,
+    #[comptime] chunk: usize,
+    #[comptime] vp8: usize,
+    #[comptime] hardware: bool,
+) -> Array<Pair<F>> {
+    let lane = UNIT_POS as usize % WARP;
+    if comptime![hardware] {
+        // Lanes 8·i to 8·i + 7 give the addresses of matrix i's rows.
+        let i = lane / 8;
+        let row = row0 + 8 * (i % row_blocks) + lane % 8;
+        let at = base + swizzled(row, (group0 + i / row_blocks) * vp8, chunk, vp8);
+        let def = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+        def.load_matrix::<Vector<F, N>, Const<2>>(
+            &ring_s.slice(at, at + 1),
+            cmma::MatrixIdent::A,
+            4usize,
+            false,
+        )
+    } else {
+        let n = N::value();
+        let (g, t) = (lane / 4, lane % 4);
+        let mut out = Array::<Pair<F>>::new(4usize);
+        #[unroll]
+        for i in 0..4usize {
+            let row = row0 + 8 * (i % row_blocks) + g;
+            let c = (group0 + i / row_blocks) * vp8 + 2 * t / n;
+            let v = ring_s[base + swizzled(row, c, chunk, vp8)];
+            let mut p = Pair::<F>::new(F::new(0.0));
+            p[0] = v[2 * t % n];
+            p[1] = v[(2 * t + 1) % n];
+            out[i] = p;
+        }
+        out
+    }
+}
+
 /// `c += a · b` for one m16n8k16 tile: the tensor-core instruction, or (no tensor cores) the
 /// same product through shared memory by the 32-unit group, in `mma`'s register layout (lane
 /// (g, t) holds A rows g, g + 8 at k 2t, 2t + 1 / + 8, B column g at the same k, C rows g, g + 8

@@ -15,12 +15,12 @@
 //! holding a register (registers holding the next chunk allowed one, and 64 rows read at a
 //! quarter to half of copy; the ring reads the large ones at 44–89 % of it from 32 to 64 rows).
 //!
-//! No fragment needs a shuffle: a dot product may take its `k` in any order as long as both
-//! sides take the same one, so lane (g, t) reads 8 consecutive values of its weight rows g and
-//! g + 8, and of its `x` row g, at `k = 32·j + 8·t`, and puts values 0–3 where `mma` wants
-//! `k = 2t, 2t + 1, 2t + 8, 2t + 9` of the first k16 step and values 4–7 there in the second.
-//! Those 16-byte reads hit distinct banks because odd rows keep their 16-byte groups swapped
-//! by halves (group o at o ^ 4).
+//! Fragments come out of the stages by `ldmatrix`, straight into the registers `mma` takes
+//! (reading them as 16-byte rows instead left an A fragment's two rows interleaved, and the
+//! register moves that put them in order were half of the kernel's instructions). A dot product
+//! may take its `k` in any order as long as both sides take the same one: the `k` of a k16 step
+//! are two 8-value groups of the stage rows. Groups are stored swizzled (group `o` of row `r`
+//! at `o ^ (r % 8)`), so neither the fragment reads nor the copies meet bank conflicts.
 //!
 //! Short of cubes (few weight rows, long `k`), the `k` range is split over cubes (as many splits
 //! as fill whole waves of the device, priced against their traffic), each writing f32 partial
@@ -36,7 +36,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::mma::{
-    copy_vec, has_tensor_cores, mma, pair_of, stage_barrier, Pair, EMULATION_SCRATCH, WARP,
+    copy_vec, has_tensor_cores, load_fragments, mma, stage_barrier, swizzled, Pair,
+    EMULATION_SCRATCH, WARP,
 };
 use crate::vector::vector_size;
 
@@ -252,14 +253,6 @@ struct Ring {
     whole_chunks: bool,
 }
 
-/// Where vector `c` of stage row `row` lies: odd rows swap the halves of their 16-byte groups
-/// (group `o` at `o ^ 4`), so the 16-byte fragment reads of rows g and g + 1 (one phase of a
-/// plane's read) fall on distinct banks.
-#[cube]
-fn swizzled(row: usize, c: usize, #[comptime] ring: Ring) -> usize {
-    row * ring.chunk + (c ^ ((row % 2) * 4 * ring.vecs_per_8))
-}
-
 /// Queues the copies of the chunk starting at `K_STEP` `s` into stage `st`: the unit's weight
 /// vectors (source offsets `w_src`, at `s = 0`), then its `x` vectors (`x_src`). A unit always
 /// copies vector `c = UNIT_POS % chunk` of its rows: one bound check on the split per chunk.
@@ -286,14 +279,16 @@ fn issue<F: Float, N: Size>(
         let rows_per_slot = comptime![ring.units / ring.chunk];
         #[unroll]
         for i in 0..ring.w_slots {
-            let dst = st * ring.stage + swizzled(row0 + i * rows_per_slot, c, ring);
+            let dst = st * ring.stage
+                + swizzled(row0 + i * rows_per_slot, c, ring.chunk, ring.vecs_per_8);
             copy_vec::<F, N>(w, w_src[i] + off, ring_s, dst, vec, hardware);
         }
         #[unroll]
         for i in 0..ring.x_slots {
             let row = row0 + i * rows_per_slot;
             if row < ring.x_rows {
-                let dst = st * ring.stage + swizzled(ring.w_rows + row, c, ring);
+                let dst =
+                    st * ring.stage + swizzled(ring.w_rows + row, c, ring.chunk, ring.vecs_per_8);
                 copy_vec::<F, N>(x, x_src[i] + off, ring_s, dst, vec, hardware);
             }
         }
@@ -316,14 +311,12 @@ fn multiply<F: Float, N: Size>(
     #[comptime] steps: usize,
     #[comptime] hardware: bool,
 ) {
-    let vp8 = ring.vecs_per_8;
-    let lane = UNIT_POS as usize % WARP;
+    let (chunk, vp8) = (ring.chunk, ring.vecs_per_8);
     let plane = UNIT_POS as usize / WARP;
     let (pw, px) = (plane % ring.planes, plane / ring.planes);
-    let (g, t) = (lane / 4, lane % 4);
-    // Rows g and g + 8 of every tile and of every x tile share g's parity: one swizzle.
-    let w0 = st * ring.stage + (pw * row_tiles * 16 + g) * ring.chunk;
-    let x0 = st * ring.stage + (ring.w_rows + px * m_tiles * 8 + g) * ring.chunk;
+    let base = st * ring.stage;
+    let w_row0 = pw * row_tiles * 16;
+    let x_row0 = ring.w_rows + px * m_tiles * 8;
     #[unroll]
     for j in 0..steps {
         let mut live = true;
@@ -331,23 +324,45 @@ fn multiply<F: Float, N: Size>(
             live = s + j < span.s1;
         }
         if live {
-            let c = ((j * 4 + t) ^ ((g % 2) * 4)) * vp8;
-            // The lane's 8 values of weight rows g, g + 8 of each tile: A fragments.
-            let mut wa = Array::<Vector<F, N>>::new(comptime![2 * row_tiles * vp8]);
+            // A fragments of each weight tile for both k16 steps (groups 4j + 2·half, + 1),
+            // then B fragments of each x tile (groups 4j to 4j + 3: two per k16 step).
+            let mut wa = Array::<Pair<F>>::new(comptime![8 * row_tiles]);
             #[unroll]
-            for r in 0..comptime![2 * row_tiles] {
+            for half in 0..2usize {
                 #[unroll]
-                for v in 0..vp8 {
-                    wa[r * vp8 + v] = ring_s[w0 + r * 8 * ring.chunk + c + v];
+                for r in 0..row_tiles {
+                    let q = load_fragments::<F, N>(
+                        ring_s,
+                        base,
+                        w_row0 + 16 * r,
+                        4 * j + 2 * half,
+                        2usize,
+                        chunk,
+                        vp8,
+                        hardware,
+                    );
+                    #[unroll]
+                    for i in 0..4usize {
+                        wa[(half * row_tiles + r) * 4 + i] = q[i];
+                    }
                 }
             }
-            // The lane's 8 values of its row g of each x tile: B fragments.
-            let mut xb = Array::<Vector<F, N>>::new(comptime![m_tiles * vp8]);
+            let mut xb = Array::<Pair<F>>::new(comptime![4 * m_tiles]);
             #[unroll]
             for mt in 0..m_tiles {
+                let q = load_fragments::<F, N>(
+                    ring_s,
+                    base,
+                    x_row0 + 8 * mt,
+                    4 * j,
+                    1usize,
+                    chunk,
+                    vp8,
+                    hardware,
+                );
                 #[unroll]
-                for v in 0..vp8 {
-                    xb[mt * vp8 + v] = ring_s[x0 + mt * 8 * ring.chunk + c + v];
+                for i in 0..4usize {
+                    xb[mt * 4 + i] = q[i];
                 }
             }
             // Consecutive products go to different accumulators (a product's result is
@@ -357,16 +372,15 @@ fn multiply<F: Float, N: Size>(
                 #[unroll]
                 for mt in 0..m_tiles {
                     let mut b = Array::<Pair<F>>::new(2usize);
-                    b[0] = pair_of::<F, N>(&xb, mt * vp8, 4 * half);
-                    b[1] = pair_of::<F, N>(&xb, mt * vp8, 4 * half + 2);
+                    b[0] = xb[mt * 4 + 2 * half];
+                    b[1] = xb[mt * 4 + 2 * half + 1];
                     #[unroll]
                     for r in 0..row_tiles {
-                        let (lo, hi) = (2 * r * vp8, (2 * r + 1) * vp8);
                         let mut a = Array::<Pair<F>>::new(4usize);
-                        a[0] = pair_of::<F, N>(&wa, lo, 4 * half);
-                        a[1] = pair_of::<F, N>(&wa, hi, 4 * half);
-                        a[2] = pair_of::<F, N>(&wa, lo, 4 * half + 2);
-                        a[3] = pair_of::<F, N>(&wa, hi, 4 * half + 2);
+                        #[unroll]
+                        for i in 0..4usize {
+                            a[i] = wa[(half * row_tiles + r) * 4 + i];
+                        }
                         let mut cc = Array::<Pair<f32>>::new(2usize);
                         let at = (r * m_tiles + mt) * 2;
                         cc[0] = acc[at];
