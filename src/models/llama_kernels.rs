@@ -44,10 +44,11 @@ enum Path {
     /// The GEMV (one or two rows, or up to its tile where the `mma` GEMM does not run): RMSNorm,
     /// SwiGLU and the residual add folded in.
     Gemv,
-    /// kiln's GEMM on tensor cores (3–64 rows): bias, SwiGLU and the residual add folded in,
-    /// the norm a launch of its own.
+    /// kiln's GEMM on tensor cores (3 rows and more): bias, SwiGLU and the residual add folded
+    /// in, the norm a launch of its own.
     Mma,
-    /// cubek's GEMM, with norm, SiLU·mul and residual add as launches of their own.
+    /// cubek's GEMM (devices without `mma`), with norm, SiLU·mul and residual add as launches
+    /// of their own.
     Gemm,
 }
 
@@ -292,13 +293,11 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
 
     /// The kernel for `rows` rows of `k` inputs. Two rows stay on the GEMV: on the H200 its
     /// gate-up and lm_head ran 81 and 263 µs there against the `mma` GEMM's 104 and 348
-    /// (benches/RESULTS.md), from 4 rows on the `mma` GEMM wins. Past a decode batch's 64 rows
-    /// cubek's GEMMs ran Llama-3.1-8B's prefill projections as fast as the `mma` GEMM (within
-    /// 6 % either way) and serving ran no faster on the latter, so they keep larger batches.
+    /// (benches/RESULTS.md), from 4 rows on the `mma` GEMM wins; with `ldmatrix` fragments it
+    /// also ran Llama-3.1-8B's 2,048-row prefill projections 1.2–1.5× faster than cubek's GEMM,
+    /// which keeps only devices without `mma` (and `k` off its step).
     fn path(&self, rows: usize, k: usize) -> Path {
-        if (3..=mma_gemm::MAX_ROWS).contains(&rows)
-            && mma_gemm::supported::<R, F>(&self.client, rows, k)
-        {
+        if rows >= 3 && mma_gemm::supported::<R, F>(&self.client, rows, k) {
             Path::Mma
         } else if rows <= gemv::M_TILE {
             Path::Gemv
@@ -324,17 +323,12 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
     }
 
     /// `x` `[rows, p.inp]` through projection `p`: the GEMV while the weight read dominates,
-    /// the tensor-core GEMMs beyond (bias projections of large batches on the `mma` GEMM, or
-    /// on the GEMV where the device lacks `mma`).
+    /// the tensor-core GEMMs beyond (bias projections of large batches on the GEMV where the
+    /// device lacks `mma`: cubek's GEMM adds no bias).
     fn project(&self, x: &Handle, p: &Proj, rows: usize) -> Result<Handle> {
         let y = self.client.empty(rows * p.out * size_of::<F>());
         let path = self.path(rows, p.inp);
-        // cubek's GEMM adds no bias, and the GEMV reads the weight once every few rows: a
-        // large batch's bias projection takes the `mma` GEMM where the device runs it.
-        let biased_on_mma = path == Path::Gemm
-            && p.b.is_some()
-            && mma_gemm::supported::<R, F>(&self.client, rows, p.inp);
-        if path == Path::Mma || biased_on_mma {
+        if path == Path::Mma {
             let epilogue = mma_gemm::Epilogue {
                 bias: p.b.as_ref(),
                 ..Default::default()
