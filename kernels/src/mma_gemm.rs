@@ -154,8 +154,8 @@ const DECODE: Tuning = Tuning {
 
 /// Prefill chunks: 128 weight rows × 128 rows of `x` a cube, 64 × 64 a plane (the most
 /// products per byte read from shared memory that 255 registers hold), two cubes an SM: of 8
-/// spreads on Llama-3.1-8B's projections at 2,048 rows the one within 9 % of the best on every
-/// shape (H200, benches/RESULTS.md).
+/// spreads on Llama-3.1-8B's projections at 2,048 rows the best on Q/K/V, O and down, 15 %
+/// behind the best on gate-up with SwiGLU (H200, benches/RESULTS.md).
 pub const PREFILL: Tuning = Tuning {
     planes: 2,
     x_planes: 2,
