@@ -68,14 +68,17 @@ impl Tuning {
     /// (≤ `MAX_ROWS`; host-timed sweep of 9 spreads on Llama-3.1-8B's decode shapes at 16, 32
     /// and 64 rows, H200, benches/RESULTS.md): one block of rows, 8 planes of 2 tiles and 3
     /// stages (best or within 3 % at 16 and 32 rows on the shapes without SwiGLU), SwiGLU 4
-    /// planes and 4 stages (best at 32 rows). Past that, prefill chunks: [`PREFILL`].
+    /// planes and 4 stages (best at 32 rows). Past that, prefill chunks: [`PREFILL`], or
+    /// [`PREFILL_SWIGLU`].
     /// Stages, then planes, drop until the ring fits the device's shared memory.
     pub fn for_device<R: Runtime, F: CubePrimitive>(
         client: &ComputeClient<R>,
         m: usize,
         swiglu: bool,
     ) -> Tuning {
-        let mut tuning = if m > MAX_ROWS {
+        let mut tuning = if m > MAX_ROWS && swiglu {
+            PREFILL_SWIGLU
+        } else if m > MAX_ROWS {
             PREFILL
         } else if swiglu {
             Tuning {
@@ -154,8 +157,8 @@ const DECODE: Tuning = Tuning {
 
 /// Prefill chunks: 128 weight rows × 128 rows of `x` a cube, 64 × 64 a plane (the most
 /// products per byte read from shared memory that 255 registers hold), two cubes an SM: of 8
-/// spreads on Llama-3.1-8B's projections at 2,048 rows the best on Q/K/V, O and down, 15 %
-/// behind the best on gate-up with SwiGLU (H200, benches/RESULTS.md).
+/// spreads on Llama-3.1-8B's projections at 2,048 rows the best on Q/K/V, O and down (H200,
+/// benches/RESULTS.md).
 pub const PREFILL: Tuning = Tuning {
     planes: 2,
     x_planes: 2,
@@ -164,6 +167,17 @@ pub const PREFILL: Tuning = Tuning {
     chunk_steps: 2,
     stages: 3,
     splits: None,
+};
+
+/// Prefill chunks through a fused gate-up weight with SwiGLU: 64 weight rows (32 gate, 32 up)
+/// × 128 rows of `x` a cube, 64 × 32 a plane — 13 % faster than [`PREFILL`] on Llama-3.1-8B's
+/// gate-up at 2,048 rows, the best of 8 spreads with one other (H200, benches/RESULTS.md).
+pub const PREFILL_SWIGLU: Tuning = Tuning {
+    planes: 1,
+    x_planes: 4,
+    row_tiles: 4,
+    x_tiles: 4,
+    ..PREFILL
 };
 
 /// What happens to the product before it is stored.
