@@ -334,7 +334,7 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
                 ..Default::default()
             };
             self.mma_gemm(x, p, &y, rows, p.out, epilogue);
-        } else if rows > gemv::M_TILE && p.b.is_none() {
+        } else if path == Path::Gemm && p.b.is_none() {
             matmul::launch::<R, F>(&self.client, x, &p.w, &y, rows, p.out, p.inp)
                 .map_err(Error::Device)?;
         } else {
