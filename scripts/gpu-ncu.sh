@@ -12,7 +12,7 @@ skip="${3:-0}"
 out="${OUT:-/tmp}"
 KILN_BENCH_ONLY="$bench" ncu --clock-control none --set full --import-source no \
     --kernel-name "regex:$regex" --launch-skip "$skip" --launch-count 1 --kill on \
-    --export "$out/ncu" --force-overwrite .bin/kernels > "$out/ncu-run.log" 2>&1
+    --export "$out/ncu" --force-overwrite "${BIN:-.bin/kernels}" > "$out/ncu-run.log" 2>&1
 echo "ncu: exit $? ($(tail -1 "$out/ncu-run.log"))"
 ncu --import "$out/ncu.ncu-rep" --page details > "$out/details.txt" 2>&1
 ncu --import "$out/ncu.ncu-rep" --page source --print-source sass --csv > "$out/sass.csv" 2>&1

@@ -1139,6 +1139,9 @@ fn sweep_prefill_gemm(b: &mut Bench) {
         (1, 4, 4, 4, 2, 3),
         (4, 1, 2, 8, 2, 3),
         (4, 2, 4, 8, 4, 2),
+        (4, 2, 4, 8, 2, 3),
+        (4, 2, 4, 8, 2, 4),
+        (2, 4, 4, 8, 2, 3),
     ];
     let shapes: Vec<(&str, usize, usize, bool)> = if b.quick {
         vec![("quick", 300, 512, false), ("quick_swiglu", 150, 512, true)]

@@ -22,7 +22,9 @@
 use cubecl::frontend::barrier::Barrier;
 use cubecl::prelude::*;
 
-use crate::mma::{copy_vec, mma, pair_of, stage_barrier, Pair, EMULATION_SCRATCH, WARP};
+use crate::mma::{
+    copy_vec, mma, pair_of, stage_barrier, Pair, EMULATION_SCRATCH, STAGE_ALIGN, WARP,
+};
 use crate::paged_decode_attention::{key_rows, rotated, split_at, write_new_token};
 
 /// Keys a plane takes per stage: two 8-key tiles of S, one k16 step of P·V.
@@ -290,7 +292,7 @@ pub(crate) fn tile_kernel<F: Float, N: Size>(
     }
 
     let mut ring =
-        SharedMemory::<Vector<F, N>>::new_aligned(comptime![stages * layout.stage], 16usize);
+        SharedMemory::<Vector<F, N>>::new_aligned(comptime![stages * layout.stage], STAGE_ALIGN);
     let mut scratch = SharedMemory::<f32>::new(comptime![if hardware {
         1
     } else {

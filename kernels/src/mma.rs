@@ -13,6 +13,11 @@ pub(crate) const WARP: usize = 32;
 /// Two bf16/f16 values: one register of an `mma` fragment.
 pub(crate) type Pair<E> = Vector<E, Const<2>>;
 
+/// Alignment (bytes) of a shared buffer that async copies fill: a stage row that straddles a
+/// 128-byte line costs its `cp.async` twice the L2 sectors and extra shared wavefronts (Nsight,
+/// `mma_gemm` at 16-byte alignment: 50 % excess sectors and the kernel 1.37× slower).
+pub(crate) const STAGE_ALIGN: usize = 128;
+
 /// Shared f32 scratch the emulated `mma` takes per 32-unit group.
 pub(crate) const EMULATION_SCRATCH: usize = 384;
 

@@ -15,7 +15,7 @@ use cubecl::frontend::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::mma::{has_tensor_cores, Pair};
+use crate::mma::{has_tensor_cores, Pair, STAGE_ALIGN};
 use crate::vector::vector_size;
 
 /// Query rows per plane (the tensor-core tile's M).
@@ -403,8 +403,8 @@ fn attend_mma<F: Float, N: Size>(
     // K/V tiles in vectors (16 bytes), two buffers of `bc` rows of `qv` vectors.
     let qv = comptime![(head_dim + PAD_F) / vec];
     let buf = comptime![bc * (head_dim + PAD_F) / vec];
-    let mut k_s = SharedMemory::<Vector<F, N>>::new_aligned(2 * buf, 16usize);
-    let mut v_s = SharedMemory::<Vector<F, N>>::new_aligned(2 * buf, 16usize);
+    let mut k_s = SharedMemory::<Vector<F, N>>::new_aligned(2 * buf, STAGE_ALIGN);
+    let mut v_s = SharedMemory::<Vector<F, N>>::new_aligned(2 * buf, STAGE_ALIGN);
     let ready0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
     let ready1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
     sync_cube(); // the barriers are initialized
