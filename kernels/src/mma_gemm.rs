@@ -37,7 +37,7 @@ use cubecl::server::Handle;
 
 use crate::mma::{
     copy_vec, has_tensor_cores, load_fragments, mma, stage_barrier, swizzled, Pair,
-    EMULATION_SCRATCH, WARP,
+    EMULATION_SCRATCH, STAGE_ALIGN, WARP,
 };
 use crate::vector::vector_size;
 
@@ -68,17 +68,14 @@ impl Tuning {
     /// (≤ `MAX_ROWS`; host-timed sweep of 9 spreads on Llama-3.1-8B's decode shapes at 16, 32
     /// and 64 rows, H200, benches/RESULTS.md): one block of rows, 8 planes of 2 tiles and 3
     /// stages (best or within 3 % at 16 and 32 rows on the shapes without SwiGLU), SwiGLU 4
-    /// planes and 4 stages (best at 32 rows). Past that, prefill chunks: [`PREFILL`], or
-    /// [`PREFILL_SWIGLU`].
+    /// planes and 4 stages (best at 32 rows). Past that, prefill chunks: [`PREFILL`].
     /// Stages, then planes, drop until the ring fits the device's shared memory.
     pub fn for_device<R: Runtime, F: CubePrimitive>(
         client: &ComputeClient<R>,
         m: usize,
         swiglu: bool,
     ) -> Tuning {
-        let mut tuning = if m > MAX_ROWS && swiglu {
-            PREFILL_SWIGLU
-        } else if m > MAX_ROWS {
+        let mut tuning = if m > MAX_ROWS {
             PREFILL
         } else if swiglu {
             Tuning {
@@ -156,9 +153,9 @@ const DECODE: Tuning = Tuning {
 };
 
 /// Prefill chunks: 128 weight rows × 128 rows of `x` a cube, 64 × 64 a plane (the most
-/// products per byte read from shared memory that 255 registers hold), two cubes an SM: of 8
-/// spreads on Llama-3.1-8B's projections at 2,048 rows the best on Q/K/V, O and down (H200,
-/// benches/RESULTS.md).
+/// products per byte read from shared memory that 255 registers hold), two cubes an SM: of 11
+/// spreads on Llama-3.1-8B's projections at 2,048 rows the best on all four, gate-up with
+/// SwiGLU too (H200, benches/RESULTS.md).
 pub const PREFILL: Tuning = Tuning {
     planes: 2,
     x_planes: 2,
@@ -167,17 +164,6 @@ pub const PREFILL: Tuning = Tuning {
     chunk_steps: 2,
     stages: 3,
     splits: None,
-};
-
-/// Prefill chunks through a fused gate-up weight with SwiGLU: 64 weight rows (32 gate, 32 up)
-/// × 128 rows of `x` a cube, 64 × 32 a plane — 13 % faster than [`PREFILL`] on Llama-3.1-8B's
-/// gate-up at 2,048 rows, the best of 8 spreads with one other (H200, benches/RESULTS.md).
-pub const PREFILL_SWIGLU: Tuning = Tuning {
-    planes: 1,
-    x_planes: 4,
-    row_tiles: 4,
-    x_tiles: 4,
-    ..PREFILL
 };
 
 /// What happens to the product before it is stored.
@@ -455,7 +441,7 @@ fn mma_gemm_kernel<F: Float, N: Size>(
         whole_chunks,
     }];
     let mut ring_s =
-        SharedMemory::<Vector<F, N>>::new_aligned(comptime![stages * ring.stage], 16usize);
+        SharedMemory::<Vector<F, N>>::new_aligned(comptime![stages * ring.stage], STAGE_ALIGN);
     let mut scratch = SharedMemory::<f32>::new(comptime![if hardware {
         1
     } else {
