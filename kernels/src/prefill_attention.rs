@@ -67,11 +67,13 @@ impl Tiling {
 
     fn shared_bytes(&self, head_dim: usize, elem: usize) -> usize {
         let (br, bc) = (self.tile_rows(), self.block_keys);
-        let tiles = (br + 2 * bc) * (head_dim + PAD_F) * elem + bc * 4;
+        let row = (head_dim + PAD_F) * elem;
         if self.mma {
-            return tiles; // S, P and O stay in registers
+            // Q, and K and V double-buffered; S, P and O stay in registers.
+            return (br + 4 * bc) * row;
         }
-        tiles
+        (br + 2 * bc) * row
+            + bc * 4
             + bc * (br + PAD_F32) * 4
             + bc * (br + PAD_F) * elem
             + head_dim * (br + PAD_F32) * 4
@@ -964,5 +966,16 @@ mod tests {
         // Whole prompts, one past a tile, and chunks that start mid-sequence.
         check::<f32>(shape, &[(0, 5), (0, 70), (37, 20), (100, 1)], 1e-5);
         check::<half::f16>(shape, &[(0, 33), (64, 64)], 3e-3);
+    }
+
+    #[test]
+    fn tensor_core_tiling_counts_both_key_buffers() {
+        // d = 128 in bf16: rows of 136 values; 64 Q rows, 2 × 64 K and 2 × 64 V rows.
+        let tiling = Tiling {
+            planes: 4,
+            block_keys: 64,
+            mma: true,
+        };
+        assert_eq!(tiling.shared_bytes(128, 2), (64 + 4 * 64) * 136 * 2);
     }
 }
