@@ -1209,14 +1209,19 @@ fn main() {
         quick: std::env::var_os("KILN_SANITIZE").is_some(),
     };
     // The device's copy bandwidth (bytes read + written), measured beside this run (torch).
+    // No default: a guessed rate once put an H200's shares against an H100's (NaN instead).
     b.copy_gbps = std::env::var("KILN_COPY_GBPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3000.0);
-    println!(
-        "copy bandwidth used as the floor: {:.0} GB/s (read + write)\n",
-        b.copy_gbps
-    );
+        .unwrap_or(f64::NAN);
+    if b.copy_gbps.is_nan() {
+        println!("KILN_COPY_GBPS not set: no shares of the copy rate (NaN)\n");
+    } else {
+        println!(
+            "copy bandwidth used as the floor: {:.0} GB/s (read + write)\n",
+            b.copy_gbps
+        );
+    }
     println!("| kernel                 | shape                              |   time µs |     GB/s | of copy | rel err |");
     println!("|------------------------|------------------------------------|-----------|----------|---------|---------|");
     // $KILN_BENCH_ONLY (comma-separated names) runs a subset.
