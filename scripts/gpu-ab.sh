@@ -3,7 +3,7 @@
 # stripped bench binaries in turn (the base and its variants, same machine, same call), then,
 # with REGEX set, Nsight Compute's full set on one matching launch of each (scripts/gpu-ncu.sh).
 # Logs, details.txt and sass.csv go into one archive, $OUT/ab.tgz (the device returns few files).
-#   BENCH=prefill_attention REGEX=prefill_attention SKIP=1 \
+#   BENCH=prefill_attention REGEX=prefill_attention SKIP=54 \
 #     bash scripts/gpu-ab.sh .bin/kernels .bin/kernels_variant ...
 set -uo pipefail
 : "${BENCH:?set BENCH to the kernels-bench subset (KILN_BENCH_ONLY)}"
