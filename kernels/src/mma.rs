@@ -53,10 +53,11 @@ pub(crate) fn pair_of<F: Float, N: Size>(
     p
 }
 
-/// Where vector `c` of row `row` lies in a ring stage of `chunk` vectors a row (`vp8`
-/// vectors hold 8 values; at least 8 such groups a row): group `o` at `o ^ (row % 8)`, so one
-/// group of 8 consecutive rows (a phase of `ldmatrix`) and the 8 groups of a row (a phase of
-/// copies into the stage) each fall on distinct banks.
+/// Where vector `c` of row `row` lies in a stage of `chunk` vectors a row (`vp8` vectors hold 8
+/// values; `groups` = chunk / vp8 such groups a row, a power of two): group `o` at
+/// `o ^ (row % min(groups, 8))`, so one group of 8 consecutive rows (a phase of `ldmatrix`)
+/// and the 8 groups of a row (a phase of copies into the stage) each fall on distinct banks
+/// (rows of fewer than 8 groups keep some conflicts, but every row stays unpadded).
 #[cube]
 pub(crate) fn swizzled(
     row: usize,
@@ -64,7 +65,8 @@ pub(crate) fn swizzled(
     #[comptime] chunk: usize,
     #[comptime] vp8: usize,
 ) -> usize {
-    row * chunk + ((c / vp8) ^ (row % 8)) * vp8 + c % vp8
+    let period = comptime![usize::min(chunk / vp8, 8)];
+    row * chunk + ((c / vp8) ^ (row % period)) * vp8 + c % vp8
 }
 
 /// Four 8×8 matrices of a [`swizzled`] stage starting at vector `base` as `mma` fragment

@@ -15,7 +15,7 @@ use cubecl::frontend::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::mma::{has_tensor_cores, Pair, STAGE_ALIGN};
+use crate::mma::{has_tensor_cores, swizzled, Pair, STAGE_ALIGN, WARP};
 use crate::vector::vector_size;
 
 /// Query rows per plane (the tensor-core tile's M).
@@ -69,8 +69,9 @@ impl Tiling {
         let (br, bc) = (self.tile_rows(), self.block_keys);
         let row = (head_dim + PAD_F) * elem;
         if self.mma {
-            // Q, and K and V double-buffered; S, P and O stay in registers.
-            return (br + 4 * bc) * row;
+            // Q, and K and V double-buffered (unpadded, swizzled rows); S, P and O stay in
+            // registers.
+            return br * row + 4 * bc * head_dim * elem;
         }
         (br + 2 * bc) * row
             + bc * 4
@@ -195,6 +196,7 @@ fn prefill_attention_kernel<F: Float, N: Size>(
             block_size,
             vec,
             bc,
+            planes,
         );
     } else {
         attend_plain::<F, N>(
@@ -304,9 +306,11 @@ fn gather_block<F: Float, N: Size>(
     sync_cube();
 }
 
-/// Queues the async copies (16 bytes each) of keys `k0 .. k0 + bc` into the K/V tiles at
-/// `base` (rows of `(head_dim + PAD_F) / vec` vectors), through the block table. Keys past
-/// `n_keys` repeat the last key: finite values, which the mask then ignores.
+/// Queues the async copies (16 bytes each) of keys `k0 .. k0 + bc` into the K/V stages at
+/// `base` ([`swizzled`] rows of `head_dim / vec` vectors), through the block table. Keys past
+/// `n_keys` repeat the last key: finite values, which the mask then ignores. Unrolled over the
+/// cube's `planes` warps, every source is found before the first copy, so a unit's block-table
+/// reads are in flight together.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn copy_block<F: Float, N: Size>(
@@ -324,28 +328,35 @@ fn copy_block<F: Float, N: Size>(
     #[comptime] block_size: usize,
     #[comptime] vec: usize,
     #[comptime] bc: usize,
+    #[comptime] planes: usize,
 ) {
     let vecs = comptime![head_dim / vec];
-    let qv = comptime![(head_dim + PAD_F) / vec];
-    let units = CUBE_DIM as usize;
-    let mut i = UNIT_POS as usize;
-    while i < bc * vecs {
-        let (key, part) = (i / vecs, i % vecs);
-        let pos = usize::min(k0 + key, n_keys - 1);
+    let units = comptime![planes * WARP];
+    let steps = comptime![(bc * vecs).div_ceil(units)];
+    let mut src = Array::<usize>::new(steps);
+    #[unroll]
+    for s in 0..steps {
+        let i = s * units + UNIT_POS as usize;
+        let pos = usize::min(k0 + i / vecs, n_keys - 1);
         let block = block_tables[at.table_row * at.max_blocks + pos / block_size] as usize;
-        let src = ((block * block_size + pos % block_size) * kv_heads + at.kvh) * vecs + part;
-        let dst = base + key * qv + part;
-        copy_async(
-            &k_cache.slice(src, src + 1),
-            &mut k_s.slice_mut(dst, dst + 1),
-            vec as u32,
-        );
-        copy_async(
-            &v_cache.slice(src, src + 1),
-            &mut v_s.slice_mut(dst, dst + 1),
-            vec as u32,
-        );
-        i += units;
+        src[s] = ((block * block_size + pos % block_size) * kv_heads + at.kvh) * vecs + i % vecs;
+    }
+    #[unroll]
+    for s in 0..steps {
+        let i = s * units + UNIT_POS as usize;
+        if i < bc * vecs {
+            let dst = base + swizzled(i / vecs, i % vecs, vecs, comptime![8 / vec]);
+            copy_async(
+                &k_cache.slice(src[s], src[s] + 1),
+                &mut k_s.slice_mut(dst, dst + 1),
+                vec as u32,
+            );
+            copy_async(
+                &v_cache.slice(src[s], src[s] + 1),
+                &mut v_s.slice_mut(dst, dst + 1),
+                vec as u32,
+            );
+        }
     }
 }
 
@@ -400,11 +411,13 @@ fn attend_mma<F: Float, N: Size>(
     #[comptime] block_size: usize,
     #[comptime] vec: usize,
     #[comptime] bc: usize,
+    #[comptime] planes: usize,
 ) {
     let qs = comptime![head_dim + PAD_F];
-    // K/V tiles in vectors (16 bytes), two buffers of `bc` rows of `qv` vectors.
-    let qv = comptime![(head_dim + PAD_F) / vec];
-    let buf = comptime![bc * (head_dim + PAD_F) / vec];
+    // K/V tiles in vectors (16 bytes), two buffers of `bc` swizzled rows of `vecs` vectors.
+    let vecs = comptime![head_dim / vec];
+    let vp8 = comptime![8 / vec];
+    let buf = comptime![bc * vecs];
     let mut k_s = SharedMemory::<Vector<F, N>>::new_aligned(2 * buf, STAGE_ALIGN);
     let mut v_s = SharedMemory::<Vector<F, N>>::new_aligned(2 * buf, STAGE_ALIGN);
     let ready0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
@@ -469,6 +482,7 @@ fn attend_mma<F: Float, N: Size>(
         block_size,
         vec,
         bc,
+        planes,
     );
     ready0.commit_copy_async();
     for kb in 0..n_blocks {
@@ -491,6 +505,7 @@ fn attend_mma<F: Float, N: Size>(
                 block_size,
                 vec,
                 bc,
+                planes,
             );
             if cur == 0 {
                 ready1.commit_copy_async();
@@ -517,7 +532,7 @@ fn attend_mma<F: Float, N: Size>(
             let key = np * 16 + 8 * (lane / 16) + lane % 8;
             #[unroll]
             for kk in 0..d_chunks {
-                let start = base + key * qv + kk * 2 + (lane / 8) % 2;
+                let start = base + swizzled(key, (kk * 2 + (lane / 8) % 2) * vp8, vecs, vp8);
                 let b = def.load_matrix::<Vector<F, N>, Const<2>>(
                     &k_s.slice(start, start + 1),
                     cmma::MatrixIdent::B,
@@ -610,7 +625,7 @@ fn attend_mma<F: Float, N: Size>(
             let key = j * 16 + lane % 8 + 8 * ((lane / 8) % 2);
             #[unroll]
             for dp in 0..comptime![head_dim / 16] {
-                let start = base + key * qv + dp * 2 + lane / 16;
+                let start = base + swizzled(key, (dp * 2 + lane / 16) * vp8, vecs, vp8);
                 let b = def.load_matrix::<Vector<F, N>, Const<2>>(
                     &v_s.slice(start, start + 1),
                     cmma::MatrixIdent::B,
@@ -970,12 +985,12 @@ mod tests {
 
     #[test]
     fn tensor_core_tiling_counts_both_key_buffers() {
-        // d = 128 in bf16: rows of 136 values; 64 Q rows, 2 × 64 K and 2 × 64 V rows.
+        // d = 128 in bf16: 64 Q rows of 136 values; 2 × 64 K and 2 × 64 V rows of 128.
         let tiling = Tiling {
             planes: 4,
             block_keys: 64,
             mma: true,
         };
-        assert_eq!(tiling.shared_bytes(128, 2), (64 + 4 * 64) * 136 * 2);
+        assert_eq!(tiling.shared_bytes(128, 2), 64 * 136 * 2 + 4 * 64 * 128 * 2);
     }
 }
