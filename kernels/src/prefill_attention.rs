@@ -113,7 +113,7 @@ pub fn tiles(chunks: &[Chunk], tile_rows: usize) -> Vec<u32> {
 }
 
 // Fast exp (ex2.approx): the softmax's inputs are finite (masked scores are -3e38, not -inf).
-#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
 fn prefill_attention_kernel<F: Float, N: Size>(
     q: &Array<Vector<F, N>>,
@@ -331,8 +331,10 @@ fn copy_block<F: Float, N: Size>(
     #[comptime] planes: usize,
 ) {
     let vecs = comptime![head_dim / vec];
+    // A whole number of rounds: bc·vecs = bc·head_dim / 8 and planes·32 units divide evenly
+    // for every tiling when head_dim is a multiple of 16, as `mma` needs.
     let units = comptime![planes * WARP];
-    let steps = comptime![(bc * vecs).div_ceil(units)];
+    let steps = comptime![bc * vecs / units];
     let mut src = Array::<usize>::new(steps);
     #[unroll]
     for s in 0..steps {
@@ -344,19 +346,17 @@ fn copy_block<F: Float, N: Size>(
     #[unroll]
     for s in 0..steps {
         let i = s * units + UNIT_POS as usize;
-        if i < bc * vecs {
-            let dst = base + swizzled(i / vecs, i % vecs, vecs, comptime![8 / vec]);
-            copy_async(
-                &k_cache.slice(src[s], src[s] + 1),
-                &mut k_s.slice_mut(dst, dst + 1),
-                vec as u32,
-            );
-            copy_async(
-                &v_cache.slice(src[s], src[s] + 1),
-                &mut v_s.slice_mut(dst, dst + 1),
-                vec as u32,
-            );
-        }
+        let dst = base + swizzled(i / vecs, i % vecs, vecs, comptime![8 / vec]);
+        copy_async(
+            &k_cache.slice(src[s], src[s] + 1),
+            &mut k_s.slice_mut(dst, dst + 1),
+            vec as u32,
+        );
+        copy_async(
+            &v_cache.slice(src[s], src[s] + 1),
+            &mut v_s.slice_mut(dst, dst + 1),
+            vec as u32,
+        );
     }
 }
 
@@ -394,7 +394,8 @@ fn mma_two_tiles<F: Float>(
 /// (`cp.async`) are in flight while the current one is multiplied. A lane holds rows `g` and
 /// `g + 8` of a fragment (g = lane / 4) at columns `2t, 2t + 1` (t = lane % 4), so a row's max
 /// and sum combine the 4 lanes of its quad with two shuffles, and the scores' accumulator
-/// registers are, converted, the A fragments of P·V.
+/// registers are, converted, the A fragments of P·V. Only blocks that reach past the plane's
+/// first row (the diagonal, and the keys past the last) pay for the causal mask.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn attend_mma<F: Float, N: Size>(
@@ -414,10 +415,8 @@ fn attend_mma<F: Float, N: Size>(
     #[comptime] planes: usize,
 ) {
     let qs = comptime![head_dim + PAD_F];
-    // K/V tiles in vectors (16 bytes), two buffers of `bc` swizzled rows of `vecs` vectors.
-    let vecs = comptime![head_dim / vec];
-    let vp8 = comptime![8 / vec];
-    let buf = comptime![bc * vecs];
+    // K/V tiles in vectors (16 bytes), two buffers of `bc` swizzled rows.
+    let buf = comptime![bc * head_dim / vec];
     let mut k_s = SharedMemory::<Vector<F, N>>::new_aligned(2 * buf, STAGE_ALIGN);
     let mut v_s = SharedMemory::<Vector<F, N>>::new_aligned(2 * buf, STAGE_ALIGN);
     let ready0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
@@ -429,7 +428,6 @@ fn attend_mma<F: Float, N: Size>(
     let r0 = (UNIT_POS / PLANE_DIM) as usize * PLANE_ROWS;
     let d_chunks = comptime![head_dim / 16];
     let d_tiles = comptime![head_dim / 8];
-    let key_tiles = comptime![bc / 8];
 
     // Q fragments, one per 16 columns: ldmatrix ×4, lane L giving the address of row
     // L % 8 + 8·(L / 8 % 2), column 8·(L / 16) of the chunk.
@@ -450,21 +448,26 @@ fn attend_mma<F: Float, N: Size>(
         }
     }
 
-    // Output fragments (vector 2n: row g, 2n + 1: row g + 8 of column tile n), each row's
-    // running max and this lane's share of its running sum.
+    // Output fragments (vector 2n: row g, 2n + 1: row g + 8 of column tile n); for rows g and
+    // g + 8 (index h): the running max of the raw scores, this lane's share of the running sum,
+    // and the last key the row sees (rows past the tile see the tile's keys).
     let mut o = Array::<Pair<f32>>::new(comptime![2 * head_dim / 8]);
     #[unroll]
     for i in 0..comptime![2 * head_dim / 8] {
         o[i] = Vector::new(0.0);
     }
-    let mut m_lo = f32::new(-3.0e38);
-    let mut m_hi = f32::new(-3.0e38);
-    let mut l_lo = f32::new(0.0);
-    let mut l_hi = f32::new(0.0);
     let n_keys = at.p0 + at.rows;
-    // The last key each of the lane's two rows sees (rows past the tile see the tile's keys).
-    let last_lo = usize::min(at.p0 + r0 + g, n_keys - 1);
-    let last_hi = usize::min(at.p0 + r0 + g + 8, n_keys - 1);
+    let mut m_run = Array::<f32>::new(2usize);
+    let mut l_run = Array::<f32>::new(2usize);
+    let mut last = Array::<usize>::new(2usize);
+    #[unroll]
+    for h in 0..2usize {
+        m_run[h] = f32::new(-3.0e38);
+        l_run[h] = f32::new(0.0);
+        last[h] = usize::min(at.p0 + r0 + 8 * h + g, n_keys - 1);
+    }
+    // Blocks ending by here are seen whole by every row of the plane.
+    let unmasked_end = usize::min(at.p0 + r0, n_keys - 1) + 1;
 
     let n_blocks = n_keys.div_ceil(bc);
     copy_block::<F, N>(
@@ -519,144 +522,162 @@ fn attend_mma<F: Float, N: Size>(
             ready1.arrive_and_wait();
         }
         let base = cur * buf;
-
-        // S = Q·Kᵀ, two key tiles per ldmatrix ×4: lane L addresses key 8·(L / 16) + L % 8 of
-        // the pair, columns 8·(L / 8 % 2) of the chunk.
-        let mut s = Array::<Pair<f32>>::new(comptime![2 * bc / 8]);
-        #[unroll]
-        for i in 0..comptime![2 * bc / 8] {
-            s[i] = Vector::new(0.0);
-        }
-        #[unroll]
-        for np in 0..comptime![bc / 16] {
-            let key = np * 16 + 8 * (lane / 16) + lane % 8;
-            #[unroll]
-            for kk in 0..d_chunks {
-                let start = base + swizzled(key, (kk * 2 + (lane / 8) % 2) * vp8, vecs, vp8);
-                let b = def.load_matrix::<Vector<F, N>, Const<2>>(
-                    &k_s.slice(start, start + 1),
-                    cmma::MatrixIdent::B,
-                    4usize,
-                    false,
-                );
-                let mut a = Array::<Pair<F>>::new(4usize);
-                #[unroll]
-                for j in 0..4usize {
-                    a[j] = q_frag[kk * 4 + j];
-                }
-                mma_two_tiles::<F>(&def, &a, &b, &mut s, np * 4);
-            }
-        }
-
-        // Online softmax on the fragments: mask, scale, row maxima over the quad.
-        let mut mx_lo = m_lo;
-        let mut mx_hi = m_hi;
-        #[unroll]
-        for n in 0..key_tiles {
-            let mut lo = s[2 * n];
-            let mut hi = s[2 * n + 1];
-            #[unroll]
-            for e in 0..2usize {
-                let key = k0 + n * 8 + 2 * t + e;
-                lo[e] *= scale;
-                hi[e] *= scale;
-                if key > last_lo {
-                    lo[e] = f32::new(-3.0e38);
-                }
-                if key > last_hi {
-                    hi[e] = f32::new(-3.0e38);
-                }
-                mx_lo = f32::max(mx_lo, lo[e]);
-                mx_hi = f32::max(mx_hi, hi[e]);
-            }
-            s[2 * n] = lo;
-            s[2 * n + 1] = hi;
-        }
-        mx_lo = f32::max(mx_lo, plane_shuffle_xor(mx_lo, 1));
-        mx_lo = f32::max(mx_lo, plane_shuffle_xor(mx_lo, 2));
-        mx_hi = f32::max(mx_hi, plane_shuffle_xor(mx_hi, 1));
-        mx_hi = f32::max(mx_hi, plane_shuffle_xor(mx_hi, 2));
-        let alpha_lo = f32::exp(m_lo - mx_lo);
-        let alpha_hi = f32::exp(m_hi - mx_hi);
-        m_lo = mx_lo;
-        m_hi = mx_hi;
-        let mut sum_lo = f32::new(0.0);
-        let mut sum_hi = f32::new(0.0);
-        // P, converted to the A fragments of P·V: keys 16j.. of rows g / g + 8 are the
-        // accumulator vectors of key tiles 2j and 2j + 1.
-        let mut p = Array::<Pair<F>>::new(comptime![2 * bc / 8]);
-        #[unroll]
-        for n in 0..key_tiles {
-            let mut e_lo = Vector::<f32, Const<2>>::new(0.0);
-            let mut e_hi = Vector::<f32, Const<2>>::new(0.0);
-            #[unroll]
-            for e in 0..2usize {
-                let key = k0 + n * 8 + 2 * t + e;
-                if key <= last_lo {
-                    e_lo[e] = f32::exp(s[2 * n][e] - mx_lo);
-                }
-                if key <= last_hi {
-                    e_hi[e] = f32::exp(s[2 * n + 1][e] - mx_hi);
-                }
-                sum_lo += e_lo[e];
-                sum_hi += e_hi[e];
-            }
-            // Tile n = 2j + h lands in A registers 2h (row g) and 2h + 1 (row g + 8) of chunk j.
-            p[(n / 2) * 4 + (n % 2) * 2] = Pair::<F>::cast_from(e_lo);
-            p[(n / 2) * 4 + (n % 2) * 2 + 1] = Pair::<F>::cast_from(e_hi);
-        }
-        l_lo = l_lo * alpha_lo + sum_lo;
-        l_hi = l_hi * alpha_hi + sum_hi;
-        #[unroll]
-        for n in 0..d_tiles {
-            o[2 * n] = o[2 * n] * Vector::new(alpha_lo);
-            o[2 * n + 1] = o[2 * n + 1] * Vector::new(alpha_hi);
-        }
-
-        // O += P·V, two output column tiles per ldmatrix ×4 (transposed: V is [key][dim]):
-        // lane L addresses key L % 8 + 8·(L / 8 % 2) of the chunk, columns 8·(L / 16).
-        #[unroll]
-        for j in 0..comptime![bc / 16] {
-            let mut a = Array::<Pair<F>>::new(4usize);
-            #[unroll]
-            for r in 0..4usize {
-                a[r] = p[j * 4 + r];
-            }
-            let key = j * 16 + lane % 8 + 8 * ((lane / 8) % 2);
-            #[unroll]
-            for dp in 0..comptime![head_dim / 16] {
-                let start = base + swizzled(key, (dp * 2 + lane / 16) * vp8, vecs, vp8);
-                let b = def.load_matrix::<Vector<F, N>, Const<2>>(
-                    &v_s.slice(start, start + 1),
-                    cmma::MatrixIdent::B,
-                    4usize,
-                    true,
-                );
-                mma_two_tiles::<F>(&def, &a, &b, &mut o, 4 * dp);
-            }
+        if k0 + bc <= unmasked_end {
+            attend_block::<F, N>(
+                &def, &q_frag, &k_s, &v_s, &mut o, &mut m_run, &mut l_run, &last, base, k0, scale,
+                head_dim, vec, bc, false,
+            );
+        } else {
+            attend_block::<F, N>(
+                &def, &q_frag, &k_s, &v_s, &mut o, &mut m_run, &mut l_run, &last, base, k0, scale,
+                head_dim, vec, bc, true,
+            );
         }
         sync_cube(); // this buffer is free for the block after next
     }
 
     // Each row's sum over its quad, then the normalized rows out.
-    l_lo += plane_shuffle_xor(l_lo, 1);
-    l_lo += plane_shuffle_xor(l_lo, 2);
-    l_hi += plane_shuffle_xor(l_hi, 1);
-    l_hi += plane_shuffle_xor(l_hi, 2);
-    let (r_lo, r_hi) = (r0 + g, r0 + g + 8);
     #[unroll]
-    for n in 0..d_tiles {
+    for h in 0..2usize {
+        let mut l = l_run[h];
+        l += plane_shuffle_xor(l, 1);
+        l += plane_shuffle_xor(l, 2);
+        let r = r0 + 8 * h + g;
+        if r < at.rows {
+            #[unroll]
+            for n in 0..d_tiles {
+                #[unroll]
+                for e in 0..2usize {
+                    out[((at.t0 + r) * heads + at.head) * head_dim + n * 8 + 2 * t + e] =
+                        F::cast_from(o[2 * n + h][e] / l);
+                }
+            }
+        }
+    }
+}
+
+/// One key block of [`attend_mma`] for a plane's 16 rows (`base`: the block's K/V buffer):
+/// S = Q·Kᵀ, the online softmax (masked: keys past each row's last set to -3e38 first), and
+/// O += P·V. The scale (> 0) is applied inside the exponentials, so maxima are of raw scores.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn attend_block<F: Float, N: Size>(
+    def: &cmma::MmaDefinition<F, F, f32>,
+    q_frag: &Array<Pair<F>>,
+    k_s: &SharedMemory<Vector<F, N>>,
+    v_s: &SharedMemory<Vector<F, N>>,
+    o: &mut Array<Pair<f32>>,
+    m_run: &mut Array<f32>,
+    l_run: &mut Array<f32>,
+    last: &Array<usize>,
+    base: usize,
+    k0: usize,
+    scale: f32,
+    #[comptime] head_dim: usize,
+    #[comptime] vec: usize,
+    #[comptime] bc: usize,
+    #[comptime] masked: bool,
+) {
+    let vecs = comptime![head_dim / vec];
+    let vp8 = comptime![8 / vec];
+    let lane = UNIT_POS_PLANE as usize;
+    let t = lane % 4;
+    let key_tiles = comptime![bc / 8];
+
+    // S = Q·Kᵀ, two key tiles per ldmatrix ×4: lane L addresses key 8·(L / 16) + L % 8 of the
+    // pair, columns 8·(L / 8 % 2) of the chunk.
+    let mut s = Array::<Pair<f32>>::new(comptime![2 * bc / 8]);
+    #[unroll]
+    for i in 0..comptime![2 * bc / 8] {
+        s[i] = Vector::new(0.0);
+    }
+    #[unroll]
+    for np in 0..comptime![bc / 16] {
+        let key = np * 16 + 8 * (lane / 16) + lane % 8;
         #[unroll]
-        for e in 0..2usize {
-            let col = n * 8 + 2 * t + e;
-            if r_lo < at.rows {
-                out[((at.t0 + r_lo) * heads + at.head) * head_dim + col] =
-                    F::cast_from(o[2 * n][e] / l_lo);
+        for kk in 0..comptime![head_dim / 16] {
+            let start = base + swizzled(key, (kk * 2 + (lane / 8) % 2) * vp8, vecs, vp8);
+            let b = def.load_matrix::<Vector<F, N>, Const<2>>(
+                &k_s.slice(start, start + 1),
+                cmma::MatrixIdent::B,
+                4usize,
+                false,
+            );
+            let mut a = Array::<Pair<F>>::new(4usize);
+            #[unroll]
+            for j in 0..4usize {
+                a[j] = q_frag[kk * 4 + j];
             }
-            if r_hi < at.rows {
-                out[((at.t0 + r_hi) * heads + at.head) * head_dim + col] =
-                    F::cast_from(o[2 * n + 1][e] / l_hi);
+            mma_two_tiles::<F>(def, &a, &b, &mut s, np * 4);
+        }
+    }
+
+    // Per row h (g, g + 8): the max over its quad, P = exp(scale·(S − max)) (masked scores
+    // give 0: the block's first key is within every row's, so the max is finite), converted to
+    // the A fragments of P·V: keys 16j.. of the row are the accumulator vectors of key tiles 2j
+    // and 2j + 1.
+    let mut p = Array::<Pair<F>>::new(comptime![2 * bc / 8]);
+    #[unroll]
+    for h in 0..2usize {
+        let mut mx = m_run[h];
+        #[unroll]
+        for n in 0..key_tiles {
+            let mut v = s[2 * n + h];
+            if comptime![masked] {
+                #[unroll]
+                for e in 0..2usize {
+                    if k0 + n * 8 + 2 * t + e > last[h] {
+                        v[e] = f32::new(-3.0e38);
+                    }
+                }
+                s[2 * n + h] = v;
             }
+            mx = f32::max(mx, f32::max(v[0], v[1]));
+        }
+        mx = f32::max(mx, plane_shuffle_xor(mx, 1));
+        mx = f32::max(mx, plane_shuffle_xor(mx, 2));
+        let mx_scaled = mx * scale;
+        let alpha = f32::exp(m_run[h] * scale - mx_scaled);
+        m_run[h] = mx;
+        let mut sum = f32::new(0.0);
+        #[unroll]
+        for n in 0..key_tiles {
+            let mut ev = Vector::<f32, Const<2>>::new(0.0);
+            #[unroll]
+            for e in 0..2usize {
+                ev[e] = f32::exp(s[2 * n + h][e] * scale - mx_scaled);
+                sum += ev[e];
+            }
+            // Tile n = 2j + c lands in A registers 2c + h of chunk j.
+            p[(n / 2) * 4 + (n % 2) * 2 + h] = Pair::<F>::cast_from(ev);
+        }
+        l_run[h] = l_run[h] * alpha + sum;
+        #[unroll]
+        for n in 0..comptime![head_dim / 8] {
+            o[2 * n + h] = o[2 * n + h] * Vector::new(alpha);
+        }
+    }
+
+    // O += P·V, two output column tiles per ldmatrix ×4 (transposed: V is [key][dim]):
+    // lane L addresses key L % 8 + 8·(L / 8 % 2) of the chunk, columns 8·(L / 16).
+    #[unroll]
+    for j in 0..comptime![bc / 16] {
+        let mut a = Array::<Pair<F>>::new(4usize);
+        #[unroll]
+        for r in 0..4usize {
+            a[r] = p[j * 4 + r];
+        }
+        let key = j * 16 + lane % 8 + 8 * ((lane / 8) % 2);
+        #[unroll]
+        for dp in 0..comptime![head_dim / 16] {
+            let start = base + swizzled(key, (dp * 2 + lane / 16) * vp8, vecs, vp8);
+            let b = def.load_matrix::<Vector<F, N>, Const<2>>(
+                &v_s.slice(start, start + 1),
+                cmma::MatrixIdent::B,
+                4usize,
+                true,
+            );
+            mma_two_tiles::<F>(def, &a, &b, o, 4 * dp);
         }
     }
 }
@@ -831,28 +852,32 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     let arr = |h: &Handle, len: usize| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
     let q_len = q.size() as usize / size_of::<F>();
     let q_vecs = q_len / v;
-    prefill_attention_kernel::launch::<F, R>(
-        client,
-        CubeCount::Static(heads as u32, n_tiles as u32, 1),
-        CubeDim::new_1d(plane * tiling.planes as u32),
-        v,
-        arr(q, q_vecs),
-        arr(k_cache, cache_vecs),
-        arr(v_cache, cache_vecs),
-        arr(tiles, n_tiles * 4),
-        arr(block_tables, block_tables.size() as usize / 4),
-        arr(out, q_len),
-        scale,
-        max_blocks,
-        heads,
-        kv_heads,
-        head_dim,
-        block_size,
-        v,
-        tiling.planes,
-        tiling.block_keys,
-        tiling.mma,
-    );
+    // Safety: every index stays in bounds by construction (the tiles list, the block tables'
+    // rows and the cache's slots); compute-sanitizer's memcheck checks it on the GPU.
+    unsafe {
+        prefill_attention_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(heads as u32, n_tiles as u32, 1),
+            CubeDim::new_1d(plane * tiling.planes as u32),
+            v,
+            arr(q, q_vecs),
+            arr(k_cache, cache_vecs),
+            arr(v_cache, cache_vecs),
+            arr(tiles, n_tiles * 4),
+            arr(block_tables, block_tables.size() as usize / 4),
+            arr(out, q_len),
+            scale,
+            max_blocks,
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            v,
+            tiling.planes,
+            tiling.block_keys,
+            tiling.mma,
+        );
+    }
 }
 
 /// The plain reference, f32: causal attention of `chunks` (same layouts as [`launch`]), with
