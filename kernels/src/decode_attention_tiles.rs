@@ -23,7 +23,8 @@ use cubecl::frontend::barrier::Barrier;
 use cubecl::prelude::*;
 
 use crate::mma::{
-    copy_vec, mma, pair_of, stage_barrier, Pair, EMULATION_SCRATCH, STAGE_ALIGN, WARP,
+    copy_vec, mma, pair_of, shared_bound, stage_barrier, Pair, EMULATION_SCRATCH, MBARRIER,
+    STAGE_ALIGN, WARP,
 };
 use crate::paged_decode_attention::{key_rows, rotated, split_at, write_new_token};
 
@@ -57,15 +58,25 @@ impl Tiles {
         elem: usize,
         hardware: bool,
     ) -> usize {
+        // The kernel's buffers: key rows, query tile, ring, emulation scratch (one value on
+        // tensor cores), the stages' mbarriers, the planes' (max, sum) pairs and outputs.
         let ring = self.stages * self.stage_keys() * (2 * head_dim + PAD_V) * elem;
-        let query = MAX_GROUP * head_dim * elem;
-        let states = self.planes * (group * head_dim + 2 * MAX_GROUP) * 4;
         let scratch = if hardware {
-            0
+            4
         } else {
             self.planes * EMULATION_SCRATCH * 4
         };
-        ring + query + split_keys * 4 + states + scratch
+        let barriers = if hardware { self.stages } else { 0 };
+        let mut buffers = vec![
+            (split_keys * 4, 4),
+            (MAX_GROUP * head_dim * elem, 16),
+            (ring, STAGE_ALIGN),
+            (scratch, 4),
+            (self.planes * MAX_GROUP * 2 * 4, 4),
+            (self.planes * group * head_dim * 4, 4),
+        ];
+        buffers.extend(std::iter::repeat_n(MBARRIER, barriers));
+        shared_bound(&buffers)
     }
 }
 

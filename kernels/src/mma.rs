@@ -18,6 +18,19 @@ pub(crate) type Pair<E> = Vector<E, Const<2>>;
 /// `mma_gemm` at 16-byte alignment: 50 % excess sectors and the kernel 1.37× slower).
 pub(crate) const STAGE_ALIGN: usize = 128;
 
+/// An mbarrier in shared memory: (bytes, alignment), as [`shared_bound`] takes buffers.
+pub(crate) const MBARRIER: (usize, usize) = (8, 8);
+
+/// The most shared memory a kernel's buffers, (bytes, alignment) each, can take: CubeCL places
+/// each at the next multiple of its alignment past those placed before it (in an order of its
+/// own), so each may add up to its alignment less one byte of padding.
+pub(crate) fn shared_bound(buffers: &[(usize, usize)]) -> usize {
+    buffers
+        .iter()
+        .map(|&(bytes, align)| bytes + align - 1)
+        .sum()
+}
+
 /// Shared f32 scratch the emulated `mma` takes per 32-unit group.
 pub(crate) const EMULATION_SCRATCH: usize = 384;
 

@@ -36,8 +36,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::mma::{
-    copy_vec, has_tensor_cores, load_fragments, mma, stage_barrier, swizzled, Pair,
-    EMULATION_SCRATCH, STAGE_ALIGN, WARP,
+    copy_vec, has_tensor_cores, load_fragments, mma, shared_bound, stage_barrier, swizzled, Pair,
+    EMULATION_SCRATCH, MBARRIER, STAGE_ALIGN, WARP,
 };
 use crate::vector::vector_size;
 
@@ -132,12 +132,18 @@ impl Tuning {
     /// (and the emulated `mma`'s scratch without tensor cores).
     fn shared_bytes(&self, m: usize, elem: usize, hardware: bool) -> usize {
         let rows = 16 * self.planes * self.row_tiles + self.x_rows(m);
+        // The kernel's ring, its emulation scratch (one value on tensor cores) and its stages'
+        // mbarriers.
+        let ring = self.stages * rows * self.chunk_steps * K_STEP * elem;
         let scratch = if hardware {
-            0
+            4
         } else {
             self.planes * self.x_planes * EMULATION_SCRATCH * 4
         };
-        self.stages * rows * self.chunk_steps * K_STEP * elem + scratch
+        let barriers = if hardware { self.stages } else { 0 };
+        let mut buffers = vec![(ring, STAGE_ALIGN), (scratch, 4)];
+        buffers.extend(std::iter::repeat_n(MBARRIER, barriers));
+        shared_bound(&buffers)
     }
 }
 

@@ -15,7 +15,7 @@ use cubecl::frontend::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::mma::{has_tensor_cores, swizzled, Pair, STAGE_ALIGN, WARP};
+use crate::mma::{has_tensor_cores, shared_bound, swizzled, Pair, MBARRIER, STAGE_ALIGN, WARP};
 use crate::vector::vector_size;
 
 /// Query rows per plane (the tensor-core tile's M).
@@ -67,18 +67,25 @@ impl Tiling {
 
     fn shared_bytes(&self, head_dim: usize, elem: usize) -> usize {
         let (br, bc) = (self.tile_rows(), self.block_keys);
-        let row = (head_dim + PAD_F) * elem;
+        let q = (br * (head_dim + PAD_F) * elem, 16);
         if self.mma {
-            // Q, and K and V double-buffered (unpadded, swizzled rows); S, P and O stay in
-            // registers.
-            return br * row + 4 * bc * head_dim * elem;
+            // Q; K and V double-buffered (unpadded, swizzled rows) and their two mbarriers; S,
+            // P and O stay in registers.
+            let kv = (2 * bc * head_dim * elem, STAGE_ALIGN);
+            return shared_bound(&[q, kv, kv, MBARRIER, MBARRIER]);
         }
-        (br + 2 * bc) * row
-            + bc * 4
-            + bc * (br + PAD_F32) * 4
-            + bc * (br + PAD_F) * elem
-            + head_dim * (br + PAD_F32) * 4
-            + 2 * br * 4
+        let kv = (bc * (head_dim + PAD_F) * elem, 16);
+        shared_bound(&[
+            q,
+            kv,
+            kv,
+            (bc * 4, 4),
+            (bc * (br + PAD_F32) * 4, 4),
+            (bc * (br + PAD_F) * elem, elem),
+            (head_dim * (br + PAD_F32) * 4, 4),
+            (br * 4, 4),
+            (br * 4, 4),
+        ])
     }
 }
 
@@ -1010,12 +1017,17 @@ mod tests {
 
     #[test]
     fn tensor_core_tiling_counts_both_key_buffers() {
-        // d = 128 in bf16: 64 Q rows of 136 values; 2 × 64 K and 2 × 64 V rows of 128.
+        // d = 128 in bf16: 64 Q rows of 136 values; 2 × 64 K and 2 × 64 V rows of 128; two
+        // mbarriers; each buffer with its alignment's worst padding.
         let tiling = Tiling {
             planes: 4,
             block_keys: 64,
             mma: true,
         };
-        assert_eq!(tiling.shared_bytes(128, 2), 64 * 136 * 2 + 4 * 64 * 128 * 2);
+        let padding = 15 + 2 * 127 + 2 * 7;
+        assert_eq!(
+            tiling.shared_bytes(128, 2),
+            64 * 136 * 2 + 4 * 64 * 128 * 2 + 2 * 8 + padding
+        );
     }
 }
