@@ -7,9 +7,10 @@
 //!     engine bench --model DIR [--prompt-len 512] [--gen 128] [--concurrency 1,64]
 //!                  [--long 8192,16384,32768]
 //!         Serves random-token requests through `Engine` and prints TTFT, TPOT, P50/P95/P99
-//!         latency, throughput and the process's CPU time per wall second, as a markdown table
-//!         and JSON ($KILN_BENCH_JSON): streamed at each concurrency, one request not streamed
-//!         (`generate`), and one streamed request per long prompt length.
+//!         latency, throughput (overall, and of the prefill and all-decoding phases as
+//!         llama-batched-bench splits them) and the process's CPU time per wall second, as a
+//!         markdown table and JSON ($KILN_BENCH_JSON): streamed at each concurrency, one request
+//!         not streamed (`generate`), and one streamed request per long prompt length.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -159,8 +160,8 @@ fn bench(args: &[String]) {
     }
     eprintln!("warmed up");
     let mut json = Vec::new();
-    println!("| run | prompt | gen | TTFT P50 ms | TPOT P50 ms | latency P50/P95/P99 s | output tok/s | req/s | CPU s/s |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| run | prompt | gen | TTFT P50 ms | TPOT P50 ms | latency P50/P95/P99 s | output tok/s | prefill tok/s | decode tok/s | req/s | CPU s/s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut runs: Vec<(String, usize, usize, usize)> = levels
         .iter()
         .map(|&c| (format!("{c} concurrent"), c, prompt_len, gen))
@@ -176,11 +177,10 @@ fn bench(args: &[String]) {
             .into_iter()
             .map(|s| {
                 std::thread::spawn(move || {
-                    let begin = Instant::now();
                     let mut times = Vec::new();
                     for chunk in s {
                         chunk.expect("chunk");
-                        times.push(begin.elapsed().as_secs_f64());
+                        times.push(start.elapsed().as_secs_f64());
                     }
                     times
                 })
@@ -198,6 +198,7 @@ fn bench(args: &[String]) {
             .collect();
         let mut lat: Vec<f64> = per_req.iter().map(|t| t[t.len() - 1]).collect();
         let tokens: usize = per_req.iter().map(Vec::len).sum();
+        let phases = Phases::of(&per_req, len);
         let row = serde_json::json!({
             "run": name, "concurrency": c, "prompt_len": len, "gen": n,
             "ttft_p50_ms": percentile(&mut ttft, 0.5) * 1e3,
@@ -206,6 +207,8 @@ fn bench(args: &[String]) {
             "latency_p99_s": percentile(&mut lat, 0.99),
             "output_tok_per_s": tokens as f64 / wall, "req_per_s": c as f64 / wall,
             "cpu_s_per_s": cpu / wall,
+            "prefill_tok_per_s": phases.prefill_tok_per_s,
+            "decode_tok_per_s": phases.decode_tok_per_s,
         });
         print_row(&row);
         json.push(row);
@@ -233,10 +236,44 @@ fn bench(args: &[String]) {
     }
 }
 
+/// A run's two phases as llama.cpp's `llama-batched-bench` reports them (S_PP, S_TG), from
+/// every request's token times (seconds since submission): prefill = all prompt tokens over the
+/// time to the last first token; decode = the tokens emitted while every request is decoding
+/// (from the last first token to the first request's end) over that window's length.
+struct Phases {
+    prefill_tok_per_s: f64,
+    decode_tok_per_s: f64,
+}
+
+impl Phases {
+    fn of(per_req: &[Vec<f64>], prompt_len: usize) -> Self {
+        let first = per_req.iter().map(|t| t[0]).fold(0.0, f64::max);
+        let end = per_req
+            .iter()
+            .map(|t| t[t.len() - 1])
+            .fold(f64::INFINITY, f64::min);
+        // Tokens after `first` up to `end`: each one a decode step's output in that window.
+        let emitted = per_req
+            .iter()
+            .flatten()
+            .filter(|&&t| t > first && t <= end)
+            .count();
+        let decode_tok_per_s = if end > first {
+            emitted as f64 / (end - first)
+        } else {
+            f64::NAN
+        };
+        Self {
+            prefill_tok_per_s: (per_req.len() * prompt_len) as f64 / first,
+            decode_tok_per_s,
+        }
+    }
+}
+
 fn print_row(row: &serde_json::Value) {
     let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
     println!(
-        "| {} | {} | {} | {:.1} | {:.2} | {:.2}/{:.2}/{:.2} | {:.0} | {:.2} | {:.2} |",
+        "| {} | {} | {} | {:.1} | {:.2} | {:.2}/{:.2}/{:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
         row["run"].as_str().unwrap_or(""),
         row["prompt_len"],
         row["gen"],
@@ -246,6 +283,8 @@ fn print_row(row: &serde_json::Value) {
         f("latency_p95_s"),
         f("latency_p99_s"),
         f("output_tok_per_s"),
+        f("prefill_tok_per_s"),
+        f("decode_tok_per_s"),
         f("req_per_s"),
         f("cpu_s_per_s"),
     );
