@@ -338,8 +338,9 @@ fn copy_block<F: Float, N: Size>(
     #[comptime] planes: usize,
 ) {
     let vecs = comptime![head_dim / vec];
-    // A whole number of rounds: bc·vecs = bc·head_dim / 8 and planes·32 units divide evenly
-    // for every tiling when head_dim is a multiple of 16, as `mma` needs.
+    // A whole number of rounds: with 8-value vectors (16 bytes of bf16/f16) bc·vecs =
+    // bc·head_dim / 8, a multiple of planes·32 units for every tiling when head_dim is a
+    // multiple of 16, as `mma` needs.
     let units = comptime![planes * WARP];
     let steps = comptime![bc * vecs / units];
     let mut src = Array::<usize>::new(steps);
@@ -620,9 +621,9 @@ fn attend_block<F: Float, N: Size>(
     }
 
     // Per row h (g, g + 8): the max over its quad, P = exp(scale·(S − max)) (masked scores
-    // give 0: the block's first key is within every row's, so the max is finite), converted to
-    // the A fragments of P·V: keys 16j.. of the row are the accumulator vectors of key tiles 2j
-    // and 2j + 1.
+    // give 0: every row saw key 0 in the first block, so its running max is finite even where
+    // this block hides all its keys), converted to the A fragments of P·V: keys 16j.. of the
+    // row are the accumulator vectors of key tiles 2j and 2j + 1.
     let mut p = Array::<Pair<F>>::new(comptime![2 * bc / 8]);
     #[unroll]
     for h in 0..2usize {
