@@ -28,6 +28,9 @@ struct Bench {
     copy_gbps: f64,
     /// Small shapes, one timed launch: for runs under compute-sanitizer ($KILN_SANITIZE).
     quick: bool,
+    /// Launches per timed run instead of each bench's own count ($KILN_BENCH_ITERS): few, for
+    /// runs under Nsight Compute, whose kernel durations are the device's time.
+    iters: Option<usize>,
 }
 
 impl Bench {
@@ -56,7 +59,11 @@ impl Bench {
     /// Seconds per launch of `f`: `iters` launches back to back between two syncs (as the engine
     /// issues them), median of 5 such runs, after a warm-up.
     fn time(&self, iters: usize, mut f: impl FnMut(usize)) -> f64 {
-        let iters = if self.quick { 1 } else { iters };
+        let iters = if self.quick {
+            1
+        } else {
+            self.iters.unwrap_or(iters)
+        };
         for i in 0..3 {
             f(i);
         }
@@ -1092,6 +1099,9 @@ fn sweep_skinny(b: &mut Bench) {
         (2, 2, 2, 4, None),
         (4, 1, 2, 4, None),
         (8, 2, 2, 3, None),
+        (8, 2, 2, 4, None),
+        (8, 1, 4, 3, None),
+        (8, 1, 2, 4, None),
         (4, 4, 2, 3, None),
         (4, 2, 2, 4, Some(1)),
         (4, 2, 2, 4, Some(2)),
@@ -1119,6 +1129,29 @@ fn sweep_skinny(b: &mut Bench) {
                 let sp = splits.map(|s| format!(" splits={s}")).unwrap_or_default();
                 let shape = format!("{name} m={m} {planes}x{row_tiles}x{chunk_steps}x{stages}{sp}");
                 b.record("mma_gemm sweep", shape, secs, w.bytes(), err);
+            }
+        }
+    }
+}
+
+/// `mma_gemm`'s decode spread (`Tuning::for_device`) with a forced number of `k` splits, on the
+/// decode projections at 4, 16 and 64 rows: what splitting buys against its partial sums and
+/// their reduction (time it under Nsight Compute: scripts/gpu-ncu-times.sh).
+fn sweep_splits(b: &mut Bench) {
+    for (name, n, k, swiglu) in &DECODE_SHAPES[..4] {
+        let w = ProjWeight::new(b, *n, *k, *swiglu);
+        for m in [4usize, 16, 64] {
+            let case = ProjCase::new(b, &w, m);
+            for splits in [1usize, 2, 4, 5, 8, 11, 16] {
+                let tuning = mma_gemm::Tuning {
+                    splits: Some(splits),
+                    ..mma_gemm::Tuning::for_device::<R, bf16>(&b.client, m, *swiglu)
+                };
+                case.mma_gemm(b, &w, 0, tuning);
+                let err = case.check(b, "mma_gemm");
+                let secs = b.time(20, |i| case.mma_gemm(b, &w, i, tuning));
+                let shape = format!("{name} m={m} splits={splits}");
+                b.record("mma_gemm splits", shape, secs, w.bytes(), err);
             }
         }
     }
@@ -1207,6 +1240,9 @@ fn main() {
         rows: Vec::new(),
         copy_gbps: 0.0,
         quick: std::env::var_os("KILN_SANITIZE").is_some(),
+        iters: std::env::var("KILN_BENCH_ITERS")
+            .ok()
+            .and_then(|v| v.parse().ok()),
     };
     // The device's copy bandwidth (bytes read + written), measured beside this run (torch).
     // No default: a guessed rate once put an H200's shares against an H100's (NaN instead).
@@ -1227,7 +1263,7 @@ fn main() {
     // $KILN_BENCH_ONLY (comma-separated names) runs a subset.
     let only = std::env::var("KILN_BENCH_ONLY").ok();
     type BenchFn = fn(&mut Bench);
-    let benches: [(&str, BenchFn); 17] = [
+    let benches: [(&str, BenchFn); 18] = [
         ("rms_norm", bench_rms_norm),
         ("silu_mul", bench_silu_mul),
         ("step_kernels", bench_step_kernels),
@@ -1244,6 +1280,7 @@ fn main() {
         ("sweep_matmul", sweep_matmul),
         ("skinny", bench_skinny),
         ("sweep_skinny", sweep_skinny),
+        ("sweep_splits", sweep_splits),
         ("prefill_gemm", sweep_prefill_gemm),
     ];
     for (name, run) in benches {
