@@ -200,32 +200,30 @@ struct Span {
     s1: usize,
 }
 
-/// The stored value of output `(row, col)` from its sums: `gate` (the product, or its gate
-/// half) and `up` (SwiGLU's up half).
+/// The stored value of an output from its sums, `gate` (the product, or its gate half) and
+/// `up` (SwiGLU's up half), its column's `bias` and its value `y` before (read only where the
+/// epilogue uses them).
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn finish<F: Float>(
+fn finish(
     gate: f32,
     up: f32,
-    bias: &Array<F>,
-    y: &Array<F>,
-    col: usize,
-    at: usize,
+    bias: f32,
+    y: f32,
     #[comptime] has_bias: bool,
     #[comptime] swiglu: bool,
     #[comptime] accumulate: bool,
-) -> F {
+) -> f32 {
     let mut v = gate;
     if comptime![has_bias] {
-        v += f32::cast_from(bias[col]);
+        v += bias;
     }
     if comptime![swiglu] {
         v = v / (1.0 + f32::exp(-v)) * up;
     }
     if comptime![accumulate] {
-        v += f32::cast_from(y[at]);
+        v += y;
     }
-    F::cast_from(v)
+    v
 }
 
 /// The shape of a stage, all comptime: `chunk` vectors per row (`steps` `K_STEP`s), `w_rows`
@@ -588,9 +586,16 @@ fn mma_gemm_kernel<F: Float, N: Size>(
                                 up = acc[((r + tiles_per_half) * m_tiles + mt) * 2 + h][e];
                             }
                             let at = row * n_out + col;
-                            let out =
-                                finish::<F>(v, up, bias, y, col, at, has_bias, swiglu, accumulate);
-                            y[at] = out;
+                            let mut b = f32::new(0.0);
+                            if comptime![has_bias] {
+                                b = f32::cast_from(bias[col]);
+                            }
+                            let mut before = f32::new(0.0);
+                            if comptime![accumulate] {
+                                before = f32::cast_from(y[at]);
+                            }
+                            let out = finish(v, up, b, before, has_bias, swiglu, accumulate);
+                            y[at] = F::cast_from(out);
                         }
                     }
                 }
@@ -599,34 +604,53 @@ fn mma_gemm_kernel<F: Float, N: Size>(
     }
 }
 
-/// Adds the splits' partial sums `[splits, m, w_rows]` and applies the epilogue.
+/// Adds the splits' partial sums `[splits, m, w_rows]` and applies the epilogue, `N` outputs a
+/// unit. The split count is comptime so that the loop unrolls and every split's load is in
+/// flight at once (H200, Nsight: Q/K/V's reduction at 2 and 64 rows 3.1 → 2.6 and 3.9 → 3.4
+/// µs against a runtime loop over scalars; the rest is the launch's own cost).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn reduce_kernel<F: Float>(
-    partial: &Array<f32>,
-    bias: &Array<F>,
-    y: &mut Array<F>,
+fn reduce_kernel<F: Float, N: Size>(
+    partial: &Array<Vector<f32, N>>,
+    bias: &Array<Vector<F, N>>,
+    y: &mut Array<Vector<F, N>>,
     m: usize,
-    n_out: usize,
-    splits: usize,
+    n_vecs: usize,
+    #[comptime] splits: usize,
     #[comptime] has_bias: bool,
     #[comptime] swiglu: bool,
     #[comptime] accumulate: bool,
 ) {
     let at = ABSOLUTE_POS;
-    if at < m * n_out {
-        let (row, col) = (at / n_out, at % n_out);
-        let w_rows = comptime![if swiglu { 2usize } else { 1usize }] * n_out;
-        let mut gate = f32::new(0.0);
-        let mut up = f32::new(0.0);
+    if at < m * n_vecs {
+        let (row, col) = (at / n_vecs, at % n_vecs);
+        let w_vecs = comptime![if swiglu { 2usize } else { 1usize }] * n_vecs;
+        let mut gate = Vector::<f32, N>::new(0.0);
+        let mut up = Vector::<f32, N>::new(0.0);
+        #[unroll]
         for s in 0..splits {
-            let base = (s * m + row) * w_rows + col;
+            let base = (s * m + row) * w_vecs + col;
             gate += partial[base];
             if comptime![swiglu] {
-                up += partial[base + n_out];
+                up += partial[base + n_vecs];
             }
         }
-        let out = finish::<F>(gate, up, bias, y, col, at, has_bias, swiglu, accumulate);
+        let mut b = Vector::<f32, N>::new(0.0);
+        if comptime![has_bias] {
+            b = Vector::<f32, N>::cast_from(bias[col]);
+        }
+        let mut before = Vector::<f32, N>::new(0.0);
+        if comptime![accumulate] {
+            before = Vector::<f32, N>::cast_from(y[at]);
+        }
+        let mut out = Vector::<F, N>::empty();
+        #[unroll]
+        for e in 0..N::value() {
+            let v = finish(
+                gate[e], up[e], b[e], before[e], has_bias, swiglu, accumulate,
+            );
+            out[e] = F::cast_from(v);
+        }
         y[at] = out;
     }
 }
@@ -652,8 +676,9 @@ fn best_split(
     outputs: usize,
     tuning: Tuning,
 ) -> usize {
-    // About what the device reads while a cube's pipeline fills (1 µs at 4 TB/s).
-    const FILL_BYTES: f64 = 4e6;
+    // What a wave costs beyond its bytes (2 µs at 4 TB/s: its pipeline's fill and drain, and
+    // the reduction's longer reads per split), fitted to the H200's split sweep (RESULTS.md).
+    const FILL_BYTES: f64 = 8e6;
     let cost = |split_steps: usize| {
         let splits = k_steps.div_ceil(split_steps);
         let cubes = blocks * splits;
@@ -718,7 +743,16 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     let x_blocks = m.div_ceil(tuning.x_rows(m));
     let k_steps = k / K_STEP;
     let sms = hw.num_streaming_multiprocessors.unwrap_or(1) as usize;
-    let slots = sms * tuning.cubes_per_sm(m, shared, hw.max_shared_memory_size);
+    // A decode batch streams the weight: one cube an SM already draws the device's bandwidth
+    // (H200: Llama-3.1-8B's gate-up ran 62 µs unsplit at 4 and 16 rows, 2–3 cubes an SM,
+    // against 66–72 with the seven splits that filled every SM's cube slots), so its wave is
+    // one cube an SM. A prefill chunk is bound by the tensor cores: every resident cube counts.
+    let per_sm = if m <= MAX_ROWS {
+        1
+    } else {
+        tuning.cubes_per_sm(m, shared, hw.max_shared_memory_size)
+    };
+    let slots = sms * per_sm;
     let w_bytes = halves * n * k * size_of::<F>();
     let split_steps = match splits {
         Some(s) => steps_per_split(k_steps, s, tuning),
@@ -770,16 +804,19 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
             epilogue.accumulate,
         );
         if split {
+            // Vectors of partial sums (f32) as wide as the device loads and `n` divides.
+            let rv = vector_size(client, 4, n);
             let units = 256;
             reduce_kernel::launch_unchecked::<F, R>(
                 client,
-                CubeCount::Static((m * n).div_ceil(units) as u32, 1, 1),
+                CubeCount::Static((m * n / rv).div_ceil(units) as u32, 1, 1),
                 CubeDim::new_1d(units as u32),
-                arr(&partial, splits * m * w_rows),
-                arr(bias, n),
-                arr(y, m * n),
+                rv,
+                arr(&partial, splits * m * w_rows / rv),
+                arr(bias, n / rv),
+                arr(y, m * n / rv),
                 m,
-                n,
+                n / rv,
                 splits,
                 epilogue.bias.is_some(),
                 epilogue.swiglu,
@@ -891,6 +928,13 @@ mod tests {
             check::<f32>(6, 48, 320, (true, false, true), tuning, 1e-5);
             check::<f32>(3, 40, 256, (false, true, false), tuning, 1e-5);
         }
+        // Outputs a row in vectors of 2 and of 1 partial sum in the reduction.
+        let tuning = Tuning {
+            splits: Some(2),
+            ..SMALL
+        };
+        check::<f32>(5, 42, 256, (true, false, true), tuning, 1e-5);
+        check::<f32>(4, 45, 256, (false, true, false), tuning, 1e-5);
     }
 
     #[test]
@@ -900,20 +944,30 @@ mod tests {
         check::<f32>(4, 40, 128, (false, false, true), SMALL, 1e-5);
     }
 
-    /// The split that fills the H200's 132 SMs (one 8-plane cube each) in one wave, not the
-    /// next count up that spills into a second: Llama-3.1-8B's O (16 blocks of 256 rows) and
-    /// down (k = 14336) at 64 rows, and none for the lm_head's 501 blocks.
+    /// The splits that ran fastest on the H200's 132 SMs (split sweep, RESULTS.md): one wave of
+    /// a cube an SM for Llama-3.1-8B's Q/K/V (24 blocks of 256 rows: 5), O (16: 8) and down
+    /// (k = 14336: 8), at 4 and 64 rows alike, and none for gate-up's 224 blocks of SwiGLU
+    /// cubes or the lm_head's 501.
     #[test]
     fn splits_fill_one_wave() {
-        let t = DECODE;
-        let splits = |k: usize, n: usize| {
-            let k_steps = k / K_STEP;
-            let blocks = n.div_ceil(256);
-            k_steps.div_ceil(best_split(k_steps, blocks, 132, n * k * 2, 64 * n, t))
+        let swiglu = Tuning {
+            planes: 4,
+            stages: 4,
+            ..DECODE
         };
-        assert_eq!(splits(4096, 4096), 8);
-        assert_eq!(splits(14336, 4096), 8);
-        assert_eq!(splits(4096, 128256), 1);
+        let splits = |m: usize, k: usize, n: usize, t: Tuning, halves: usize| {
+            let k_steps = k / K_STEP;
+            let blocks = (halves * n).div_ceil(256 * t.planes / 8);
+            let w = halves * n * k * 2;
+            k_steps.div_ceil(best_split(k_steps, blocks, 132, w, m * halves * n, t))
+        };
+        for m in [4, 64] {
+            assert_eq!(splits(m, 4096, 6144, DECODE, 1), 5);
+            assert_eq!(splits(m, 4096, 4096, DECODE, 1), 8);
+            assert_eq!(splits(m, 14336, 4096, DECODE, 1), 8);
+            assert_eq!(splits(m, 4096, 14336, swiglu, 2), 1);
+            assert_eq!(splits(m, 4096, 128256, DECODE, 1), 1);
+        }
     }
 
     #[test]
