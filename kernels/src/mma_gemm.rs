@@ -180,6 +180,16 @@ pub struct Epilogue<'a> {
     pub swiglu: bool,
     /// `y` += the product (the residual add, in place: each element has one writer).
     pub accumulate: bool,
+    /// With `accumulate` alone (no bias or SwiGLU): where the product splits `k`, leave the
+    /// splits' partial sums to the consumer (the next RMSNorm adds them into the residual,
+    /// [`crate::rms_norm::launch_partials`]) instead of a launch of their own adding them.
+    pub defer_split: bool,
+}
+
+/// The f32 partial sums `[splits, m, n]` of a split product whose addition was deferred.
+pub struct Partials {
+    pub sums: Handle,
+    pub splits: usize,
 }
 
 /// Whether this kernel runs on tensor cores on the device for `F` and these sizes (otherwise:
@@ -695,7 +705,9 @@ fn best_split(
 }
 
 /// `y` `[m, n]` = `x` `[m, k]` · `w` `[n, k]`ᵀ with `epilogue` (`w` `[2·n, k]` for SwiGLU), on
-/// tensor cores where [`supported`], else through the emulated `mma` (for tests).
+/// tensor cores where [`supported`], else through the emulated `mma` (for tests). Returns the
+/// partial sums left for the consumer where `epilogue.defer_split` asked and `k` was split
+/// (`y` is then untouched).
 #[allow(clippy::too_many_arguments)]
 pub fn launch<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -707,7 +719,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     k: usize,
     epilogue: Epilogue,
     tuning: Tuning,
-) {
+) -> Option<Partials> {
     let Tuning {
         planes,
         x_planes,
@@ -728,6 +740,11 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
             && units.is_multiple_of(chunk)
             && (16 * planes * row_tiles * chunk).is_multiple_of(units),
         "mma GEMM shape m {m} k {k}, {tuning:?}"
+    );
+    assert!(
+        !epilogue.defer_split
+            || (epilogue.accumulate && !epilogue.swiglu && epilogue.bias.is_none()),
+        "only a plain residual add can be deferred"
     );
     let hardware = has_tensor_cores::<R, F>(client);
     let hw = &client.properties().hardware;
@@ -803,6 +820,12 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
             epilogue.swiglu,
             epilogue.accumulate,
         );
+        if split && epilogue.defer_split {
+            return Some(Partials {
+                sums: partial,
+                splits,
+            });
+        }
         if split {
             // Vectors of partial sums (f32) as wide as the device loads and `n` divides.
             let rv = vector_size(client, 4, n);
@@ -824,6 +847,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
             );
         }
     }
+    None
 }
 
 #[cfg(test)]
@@ -854,6 +878,7 @@ mod tests {
             bias: with_bias.then_some(&bh),
             swiglu,
             accumulate,
+            ..Default::default()
         };
         launch::<_, F>(
             &c,
@@ -935,6 +960,49 @@ mod tests {
         };
         check::<f32>(5, 42, 256, (true, false, true), tuning, 1e-5);
         check::<f32>(4, 45, 256, (false, true, false), tuning, 1e-5);
+    }
+
+    /// A deferred split leaves `y` alone and returns partial sums that add up to the product
+    /// (an unsplit launch adds it in place).
+    #[test]
+    fn deferred_splits_sum_to_the_product() {
+        let c = client();
+        let (m, n, k) = (5, 40, 320);
+        let (x, w, y0) = (fill(m * k, 41), fill(n * k, 42), fill(m * n, 43));
+        let (xh, wh, y) = (
+            upload::<f32>(&c, &x),
+            upload::<f32>(&c, &w),
+            upload::<f32>(&c, &y0),
+        );
+        let ep = Epilogue {
+            accumulate: true,
+            defer_split: true,
+            ..Default::default()
+        };
+        let product = reference(&x, &w, None, m, n, k);
+        for splits in [3, 1] {
+            let tuning = Tuning {
+                splits: Some(splits),
+                ..SMALL
+            };
+            let deferred = launch::<_, f32>(&c, &xh, &wh, &y, m, n, k, ep, tuning);
+            let got = read::<f32>(&c, y.clone());
+            match deferred {
+                Some(p) => {
+                    assert!(p.splits > 1 && got == y0, "{} splits; y written", p.splits);
+                    let sums = read::<f32>(&c, p.sums);
+                    let total: Vec<f32> = (0..m * n)
+                        .map(|i| (0..p.splits).map(|s| sums[s * m * n + i]).sum())
+                        .collect();
+                    assert!(rel_err(&total, &product) < 1e-5);
+                }
+                None => {
+                    assert_eq!(splits, 1);
+                    let want: Vec<f32> = y0.iter().zip(&product).map(|(a, b)| a + b).collect();
+                    assert!(rel_err(&got, &want) < 1e-5);
+                }
+            }
+        }
     }
 
     #[test]

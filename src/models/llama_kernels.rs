@@ -79,11 +79,19 @@ struct Layer {
     down: Proj,
 }
 
-/// The residual stream of a forward: its rows, and (prefill) the last block's output not yet
-/// added to them (decode GEMVs add theirs in place).
+/// The residual stream of a forward: its rows, and the last block's output not yet added to
+/// them, which the next norm adds (GEMVs and unsplit `mma` GEMMs add theirs in place).
 struct Stream {
     residual: Handle,
-    pending: Option<Handle>,
+    pending: Option<BlockOutput>,
+}
+
+/// A block's output waiting for the next norm.
+enum BlockOutput {
+    /// Rows of the model's type (cubek's GEMM cannot add).
+    Rows(Handle),
+    /// A split `mma` GEMM's partial sums: the norm adds them up instead of a launch of their own.
+    Partials(mma_gemm::Partials),
 }
 
 /// The `N` outputs of `N` projections as an array.
@@ -307,7 +315,8 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
     }
 
     /// `y` `[rows, n]` from `x` `[rows, p.inp]` and `p`'s weight on the `mma` GEMM, with
-    /// `epilogue` and the device's spread for that many rows (`Tuning::for_device`).
+    /// `epilogue` and the device's spread for that many rows (`Tuning::for_device`); the
+    /// partial sums where the epilogue deferred a split.
     fn mma_gemm(
         &self,
         x: &Handle,
@@ -316,10 +325,10 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
         rows: usize,
         n: usize,
         epilogue: mma_gemm::Epilogue,
-    ) {
+    ) -> Option<mma_gemm::Partials> {
         let tuning = mma_gemm::Tuning::for_device::<R, F>(&self.client, rows, epilogue.swiglu);
         let (cl, k) = (&self.client, p.inp);
-        mma_gemm::launch::<R, F>(cl, x, &p.w, y, rows, n, k, epilogue, tuning);
+        mma_gemm::launch::<R, F>(cl, x, &p.w, y, rows, n, k, epilogue, tuning)
     }
 
     /// `x` `[rows, p.inp]` through projection `p`: the GEMV while the weight read dominates,
@@ -360,7 +369,8 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
         let eps = self.config.rms_norm_eps as f32;
         let out_cols = |p: &Proj| if swiglu { p.out / 2 } else { p.out };
         let path = self.path(rows, h);
-        if path == Path::Gemv {
+        // (A pending output, which the GEMVs cannot add, takes the norm kernel.)
+        if path == Path::Gemv && s.pending.is_none() {
             return Ok(projs
                 .iter()
                 .map(|p| {
@@ -378,13 +388,8 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
                 })
                 .collect());
         }
-        let pending = s.pending.take();
         let normed = cl.empty(rows * h * es);
-        let (src, res) = match &pending {
-            Some(pending) => (pending, Some(&s.residual)),
-            None => (&s.residual, None),
-        };
-        rms_norm::launch::<R, F>(cl, src, res, &self.unit_norm, &normed, rows, h, eps);
+        self.add_and_norm(s, &self.unit_norm, &normed, rows);
         projs
             .iter()
             .map(|p| {
@@ -408,17 +413,37 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
             .collect()
     }
 
+    /// Adds the stream's pending block output (if any) into its rows, then writes their
+    /// RMSNorm with `weight` to `out`.
+    fn add_and_norm(&self, s: &mut Stream, weight: &Handle, out: &Handle, rows: usize) {
+        let (cl, h) = (&self.client, self.config.hidden_size);
+        let eps = self.config.rms_norm_eps as f32;
+        let res = &s.residual;
+        match s.pending.take() {
+            None => rms_norm::launch::<R, F>(cl, res, None, weight, out, rows, h, eps),
+            Some(BlockOutput::Rows(y)) => {
+                rms_norm::launch::<R, F>(cl, &y, Some(res), weight, out, rows, h, eps)
+            }
+            Some(BlockOutput::Partials(p)) => {
+                rms_norm::launch_partials::<R, F>(cl, &p, res, weight, out, rows, h, eps)
+            }
+        }
+    }
+
     /// A block's output projection `p` of `x`: added into the residual stream in place by the
-    /// GEMV or the `mma` GEMM, else left pending for the next norm (cubek's GEMM
-    /// cannot add).
+    /// GEMV or the `mma` GEMM, else left pending for the next norm (a split `mma` GEMM's
+    /// partial sums; cubek's GEMM cannot add).
     fn residual_projection(&self, s: &mut Stream, x: &Handle, p: &Proj, rows: usize) -> Result<()> {
         let path = self.path(rows, p.inp);
         if path == Path::Mma {
             let epilogue = mma_gemm::Epilogue {
                 accumulate: true,
+                defer_split: true,
                 ..Default::default()
             };
-            self.mma_gemm(x, p, &s.residual, rows, p.out, epilogue);
+            s.pending = self
+                .mma_gemm(x, p, &s.residual, rows, p.out, epilogue)
+                .map(BlockOutput::Partials);
         } else if path == Path::Gemv {
             let opts = gemv::Options {
                 accumulate: true,
@@ -437,7 +462,7 @@ impl<R: Runtime, F: Float + CubeElement> KernelLlama<R, F> {
                 tuning,
             );
         } else {
-            s.pending = Some(self.project(x, p, rows)?);
+            s.pending = Some(BlockOutput::Rows(self.project(x, p, rows)?));
         }
         Ok(())
     }
@@ -657,17 +682,7 @@ impl<R: Runtime, F: Float + CubeElement> Forward for KernelLlama<R, F> {
             return Ok(());
         }
         let normed = cl.empty(t * h * es);
-        let pending = stream.pending.take();
-        rms_norm::launch::<R, F>(
-            cl,
-            pending.as_ref().unwrap_or(&stream.residual),
-            pending.as_ref().map(|_| &stream.residual),
-            &self.norm,
-            &normed,
-            t,
-            h,
-            eps,
-        );
+        self.add_and_norm(&mut stream, &self.norm, &normed, t);
         let rows: Vec<u32> = batch.logit_indices.iter().map(|&i| i as u32).collect();
         let picked = cl.empty(n * h * es);
         embedding::launch::<R, F>(cl, &normed, &self.u32s(&rows), &picked, n, h);
