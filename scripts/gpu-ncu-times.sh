@@ -4,7 +4,8 @@
 # weight copies, so no launch finds its weight in L2), recording every kernel's device duration
 # and DRAM bytes — free of the host launch overhead that host timing adds to short kernels.
 # Caches are left warm (as in serving: a split GEMM's reduction finds its partial sums in L2).
-# One CSV per binary into $OUT/times.tgz; summarize with `python3 scripts/ncu-runs.py X.csv`.
+# One CSV per binary into $OUT/times.tgz; per-case medians: `python3 scripts/ncu-runs.py X.csv
+# --every mma_gemm 24` (skinny, sweep_splits: 24 launches a case at ITERS=4).
 #   BENCH=skinny bash scripts/gpu-ncu-times.sh .bin/kernels .bin/kernels_variant
 set -uo pipefail
 : "${BENCH:?set BENCH to the kernels-bench subset (KILN_BENCH_ONLY)}"
