@@ -26,7 +26,7 @@ use crate::mma::{
     copy_vec, mma, pair_of, shared_bound, stage_barrier, Pair, EMULATION_SCRATCH, MBARRIER,
     STAGE_ALIGN, WARP,
 };
-use crate::paged_decode_attention::{key_rows, rotated, split_at, write_new_token};
+use crate::paged_decode_attention::{key_rows, rotated, split_at, write_new_token, MAX_SPLIT_KEYS};
 
 /// Keys a plane takes per stage: two 8-key tiles of S, one k16 step of P·V.
 pub const PLANE_KEYS: usize = 16;
@@ -42,14 +42,25 @@ pub struct Tiles {
     pub stages: usize,
 }
 
+/// Room for the K/V row offsets of a split of `split_keys` keys: the longest split the plans
+/// make (1,024 keys, 4 KB), so one compiled kernel serves every split length up to it (where
+/// the device has the room). Keys per split are a launch argument: as a compile-time constant
+/// each new context bracket compiled a kernel of its own on its first decode step (H200: the
+/// first 8k- and 16k-token requests' time to first token grew by ≈ 1.2 s each,
+/// benches/RESULTS.md).
+pub fn key_capacity(split_keys: usize) -> usize {
+    split_keys.max(MAX_SPLIT_KEYS)
+}
+
 impl Tiles {
     /// Keys one stage holds.
     pub fn stage_keys(&self) -> usize {
         PLANE_KEYS * self.planes
     }
 
-    /// Shared memory a cube takes: the ring, the query tile, the split's K/V row offsets, the
-    /// planes' states for the final merge, and the emulated `mma`'s scratch.
+    /// Shared memory a cube takes: the ring, the query tile, the K/V row offsets of up to
+    /// `split_keys` keys, the planes' states for the final merge, and the emulated `mma`'s
+    /// scratch.
     pub fn shared_bytes(
         &self,
         group: usize,
@@ -231,11 +242,12 @@ pub(crate) fn tile_kernel<F: Float, N: Size>(
     kv_stride: usize,
     max_splits: usize,
     max_blocks: usize,
+    split_keys: usize,
     #[comptime] kv_heads: usize,
     #[comptime] group: usize,
     #[comptime] head_dim: usize,
     #[comptime] block_size: usize,
-    #[comptime] split_keys: usize,
+    #[comptime] key_capacity: usize,
     #[comptime] vec: usize,
     #[comptime] planes: usize,
     #[comptime] stages: usize,
@@ -264,7 +276,7 @@ pub(crate) fn tile_kernel<F: Float, N: Size>(
 
     // The split's K/V row offsets (vectors), one block-table lookup per key; the query tile
     // (the group's heads, rotated if fresh; zero rows past the group).
-    let mut rows = SharedMemory::<u32>::new(split_keys);
+    let mut rows = SharedMemory::<u32>::new(key_capacity);
     key_rows(
         block_tables,
         &mut rows,

@@ -29,7 +29,7 @@ use crate::rope_kv_write::Projections;
 use crate::vector::vector_size;
 
 /// Keys one split covers at most (its scores live in shared memory: group × split f32).
-const MAX_SPLIT_KEYS: usize = 1024;
+pub(crate) const MAX_SPLIT_KEYS: usize = 1024;
 /// Shortest split: shorter ones add merge work faster than they shorten the split (Nsight
 /// Compute, one token at 516 keys: 32-key splits 10.3 + 5.8 µs, 64-key 10.9 + 5.0).
 const MIN_SPLIT_KEYS: usize = 64;
@@ -180,7 +180,7 @@ pub(crate) struct SplitAt {
 pub(crate) fn split_at(
     query_rows: &Array<u32>,
     context_lens: &Array<u32>,
-    #[comptime] split_keys: usize,
+    split_keys: usize,
 ) -> SplitAt {
     let token = CUBE_POS_X as usize;
     let ctx = context_lens[token] as usize;
@@ -542,9 +542,9 @@ fn combine_kernel<F: Float>(
     part_ml: &Array<f32>,
     out: &mut Array<F>,
     max_splits: usize,
+    split_keys: usize,
     #[comptime] heads: usize,
     #[comptime] head_dim: usize,
-    #[comptime] split_keys: usize,
 ) {
     let token = CUBE_POS_X as usize;
     let h = CUBE_POS_Y as usize;
@@ -769,12 +769,15 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
         if let Some(spread) = ws.tiles {
             let hardware = has_tensor_cores::<R, F>(client);
             let hw = &client.properties().hardware;
-            let shared =
-                spread.shared_bytes(group, head_dim, ws.split_keys, size_of::<F>(), hardware);
+            let bytes = |keys| spread.shared_bytes(group, head_dim, keys, size_of::<F>(), hardware);
+            let room = hw.max_shared_memory_size;
+            let keys = Some(tiles::key_capacity(ws.split_keys))
+                .filter(|&keys| bytes(keys) <= room)
+                .unwrap_or(ws.split_keys);
+            let shared = bytes(keys);
             assert!(
-                shared <= hw.max_shared_memory_size,
-                "decode attention {spread:?}: {shared} bytes of shared memory, the device gives {}",
-                hw.max_shared_memory_size
+                shared <= room,
+                "decode attention {spread:?}: {shared} bytes of shared memory, the device gives {room}"
             );
             // 16-byte groups of 8 elements at most: the K rows' swizzle works on them.
             let v8 = vector_size(client, size_of::<F>(), 8);
@@ -802,11 +805,12 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
                 kv_stride,
                 ws.max_splits,
                 max_blocks,
+                ws.split_keys,
                 kv_heads,
                 group,
                 head_dim,
                 block_size,
-                ws.split_keys,
+                keys,
                 v8,
                 spread.planes,
                 spread.stages,
@@ -859,9 +863,9 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
                 arr(&ws.ml, n_part * 2),
                 arr(out, out_len),
                 ws.max_splits,
+                ws.split_keys,
                 heads,
                 head_dim,
-                ws.split_keys,
             );
         }
     }
