@@ -1,9 +1,10 @@
 //! End-to-end checks and benchmarks of the CUDA engine (run on the GPU machine):
 //!
-//!     engine check --model DIR --cases CASES.json --out LOGITS.f32
+//!     engine check --model DIR --cases CASES.json --out LOGITS.f32 [--together]
 //!         For each case, prefill its prompt ids and then feed its reference tokens one decode
 //!         step at a time (teacher forcing), writing every step's f32 logits (raw, little-endian,
-//!         case-major) for the comparison script (scripts/gpu_e2e.py).
+//!         case-major) for the comparison script (scripts/gpu_e2e.py). `--together`: all cases
+//!         in each step's batch (multi-row decode) instead of one case after another.
 //!     engine bench --model DIR [--prompt-len 512] [--gen 128] [--concurrency 1,64]
 //!                  [--long 8192,16384,32768]
 //!         Serves random-token requests through `Engine` and prints TTFT, TPOT, P50/P95/P99
@@ -54,40 +55,71 @@ fn check(args: &[String]) {
     )
     .expect("load");
     eprintln!("loaded in {:.1?}", t0.elapsed());
-    for case in cases["cases"].as_array().expect("cases") {
-        let ids = |k: &str| -> Vec<u32> {
-            case[k]
-                .as_array()
-                .expect(k)
-                .iter()
-                .map(|v| v.as_u64().expect("id") as u32)
-                .collect()
-        };
-        let (prompt, reference) = (ids("prompt_ids"), ids("reference_tokens"));
-        let table: Vec<u32> = (0..256).rev().collect();
+    let cases: Vec<(Vec<u32>, Vec<u32>)> = cases["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|case| {
+            let ids = |k: &str| -> Vec<u32> {
+                case[k]
+                    .as_array()
+                    .expect(k)
+                    .iter()
+                    .map(|v| v.as_u64().expect("id") as u32)
+                    .collect()
+            };
+            (ids("prompt_ids"), ids("reference_tokens"))
+        })
+        .collect();
+    // Each case's own 64 blocks (the pool has 256), in reverse order.
+    let tables: Vec<Vec<u32>> = (0..cases.len() as u32)
+        .map(|c| (c * 64..(c + 1) * 64).rev().collect())
+        .collect();
+    let vocab = files.config.vocab_size;
+    // Teacher-forced steps: step 0 the prompts' prefill, step i ≥ 1 their reference token i − 1.
+    let step = |m: &mut KernelLlama<CudaRuntime, half::bf16>, which: &[usize], i: usize| {
         let mut batch = Batch::default();
-        batch.push_seq(&prompt, prompt.len(), &table, block, true);
-        let t = Instant::now();
-        let mut logits = m.forward(&batch).expect("prefill");
-        let prefill = t.elapsed();
-        let t = Instant::now();
-        for (i, &tok) in reference.iter().enumerate().take(reference.len() - 1) {
-            for x in &logits {
-                out.write_all(&x.to_le_bytes()).expect("write");
+        for &c in which {
+            let (prompt, reference) = &cases[c];
+            if i == 0 {
+                batch.push_seq(prompt, prompt.len(), &tables[c], block, true);
+            } else {
+                let ctx = prompt.len() + i;
+                batch.push_seq(&[reference[i - 1]], ctx, &tables[c], block, true);
             }
-            let ctx = prompt.len() + i + 1;
-            let mut batch = Batch::default();
-            batch.push_seq(&[tok], ctx, &table, block, true);
-            logits = m.forward(&batch).expect("decode");
+        }
+        m.forward(&batch).expect("forward")
+    };
+    let steps = cases.iter().map(|(_, r)| r.len()).min().unwrap_or(0);
+    let mut logits: Vec<Vec<f32>> = vec![Vec::new(); cases.len()];
+    if args.iter().any(|a| a == "--together") {
+        // Every case in each step's batch: prefill chunks side by side, then decode steps of
+        // one row per case (the multi-row decode path).
+        let all: Vec<usize> = (0..cases.len()).collect();
+        let t = Instant::now();
+        for i in 0..steps {
+            let rows = step(&mut m, &all, i);
+            for (c, row) in rows.chunks(vocab).enumerate() {
+                logits[c].extend_from_slice(row);
+            }
         }
         eprintln!(
-            "prompt {}: prefill {prefill:.2?}, decode {:.2?} per step (incl. writing logits)",
-            prompt.len(),
-            t.elapsed() / (reference.len() - 1) as u32
+            "{} cases together: {:.2?} per step",
+            cases.len(),
+            t.elapsed() / steps as u32
         );
-        for x in &logits {
-            out.write_all(&x.to_le_bytes()).expect("write");
+    } else {
+        for (c, case_logits) in logits.iter_mut().enumerate() {
+            let t = Instant::now();
+            for i in 0..steps {
+                case_logits.extend(step(&mut m, &[c], i));
+            }
+            let (n, per) = (cases[c].0.len(), t.elapsed() / steps as u32);
+            eprintln!("prompt {n}: {per:.2?} per step (prefill included)");
         }
+    }
+    for x in logits.iter().flatten() {
+        out.write_all(&x.to_le_bytes()).expect("write");
     }
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root, with the stripped bench binary in .bin/:
-#   bash scripts/gpu-profile.sh [shape] [layers] [concurrency]
+#   [ENGINE=.bin/engine] bash scripts/gpu-profile.sh [shape] [layers] [concurrency]
 # Times every kernel of `concurrency` (default 1) served requests (prefills and a few decode
 # steps) with Nsight Compute (kernel durations only; clocks left alone), on a random-weight
 # model of the shape cut to a few layers, and prints the first forward's kernels and the slowest
@@ -11,12 +11,12 @@ shape="${1:-llama-3.1-8b}"
 layers="${2:-2}"
 concurrency="${3:-1}"
 out="${OUT:-/tmp}"
-python3 scripts/gpu_e2e.py "$shape" --no-check --layers "$layers"
 dir="/tmp/kiln-$shape-$layers"
+[ -d "$dir" ] || python3 scripts/gpu_e2e.py "$shape" --no-check --layers "$layers"
 # The serving path (greedy tokens picked on the device): 512-token prompts, then $GEN (default
 # 6) decode steps each.
 ncu --clock-control none --metrics gpu__time_duration.sum --csv --log-file "$out/ncu.csv" \
-    .bin/engine bench --model "$dir" --concurrency "$concurrency" --prompt-len 512 --gen "${GEN:-6}"
+    "${ENGINE:-.bin/engine}" bench --model "$dir" --concurrency "$concurrency" --prompt-len 512 --gen "${GEN:-6}"
 python3 - "$out/ncu.csv" <<'PY'
 import csv, sys
 SCALE = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}

@@ -8,6 +8,7 @@ stripped bench binary at .bin/engine:
 For each shape: builds the model in bf16 with seeded random weights, saves it as safetensors
 (with a stand-in word-level tokenizer.json), has transformers generate 33 greedy tokens for 4
 prompts, has kiln compute the logits of the same prefill + 32 decode steps (teacher-forced),
+one prompt at a time and then all four in each step's batch ("together": multi-row decode),
 and reports the relative error of kiln's logits and where its greedy choice first differs.
 --bench then serves requests through kiln's Engine (benches/engine.rs bench). --layers keeps
 only the first N decoder layers (for profiling); --long adds one request per long prompt length.
@@ -90,26 +91,32 @@ def check(name):
             f32_logits.append(model(seq).logits[0, n - 1:].float().cpu().numpy())
     del model
     torch.cuda.empty_cache()
-    cases_path, out_path = f"/tmp/{name}-cases.json", f"/tmp/{name}-kiln.f32"
+    cases_path = f"/tmp/{name}-cases.json"
     json.dump({"cases": cases}, open(cases_path, "w"))
-    subprocess.run([".bin/engine", "check", "--model", d, "--cases", cases_path, "--out", out_path], check=True)
-    kiln = np.fromfile(out_path, dtype=np.float32).reshape(len(cases), STEPS, vocab)
-    report = {"shape": name, "cases": []}
+    report = {"shape": name, "cases": [], "together": []}
     rel = lambda a, b: np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
-    for c, (case, ref, f32) in enumerate(zip(cases, ref_logits, f32_logits)):
-        err, hf_err, kiln_err = rel(kiln[c], ref), rel(ref, f32), rel(kiln[c], f32)
-        agree = next((i for i in range(STEPS) if int(kiln[c, i].argmax()) != case["reference_tokens"][i]), STEPS)
-        f32_agree = next((i for i in range(STEPS) if int(kiln[c, i].argmax()) != int(f32[i].argmax())), STEPS)
-        hf_f32_agree = next((i for i in range(STEPS) if int(ref[i].argmax()) != int(f32[i].argmax())), STEPS)
-        report["cases"].append({"prompt_len": len(case["prompt_ids"]),
-                                "kiln_vs_hf_bf16": {"max": float(err.max()), "mean": float(err.mean())},
-                                "kiln_vs_f32": {"max": float(kiln_err.max()), "mean": float(kiln_err.mean())},
-                                "hf_bf16_vs_f32": {"max": float(hf_err.max()), "mean": float(hf_err.mean())},
-                                "greedy_agree_with_hf_bf16": agree, "greedy_agree_with_f32": f32_agree,
-                                "hf_bf16_greedy_agree_with_f32": hf_f32_agree})
-        print(f"{name} prompt {len(case['prompt_ids'])}: rel err vs HF bf16 max {err.max():.2e} mean {err.mean():.2e}; "
-              f"vs f32: kiln mean {kiln_err.mean():.2e}, HF bf16 mean {hf_err.mean():.2e}; greedy agrees "
-              f"{agree}/{STEPS} with HF bf16, {f32_agree}/{STEPS} with f32 (HF bf16: {hf_f32_agree}/{STEPS})", flush=True)
+    # One case at a time (one-row decode steps), then all four in each step's batch (4-row
+    # decode: the skinny GEMM and the multi-query decode attention).
+    for mode, flags in (("cases", []), ("together", ["--together"])):
+        out_path = f"/tmp/{name}-kiln-{mode}.f32"
+        subprocess.run([".bin/engine", "check", "--model", d, "--cases", cases_path, "--out", out_path]
+                       + flags, check=True)
+        kiln = np.fromfile(out_path, dtype=np.float32).reshape(len(cases), STEPS, vocab)
+        for c, (case, ref, f32) in enumerate(zip(cases, ref_logits, f32_logits)):
+            err, hf_err, kiln_err = rel(kiln[c], ref), rel(ref, f32), rel(kiln[c], f32)
+            agree = next((i for i in range(STEPS) if int(kiln[c, i].argmax()) != case["reference_tokens"][i]), STEPS)
+            f32_agree = next((i for i in range(STEPS) if int(kiln[c, i].argmax()) != int(f32[i].argmax())), STEPS)
+            hf_f32_agree = next((i for i in range(STEPS) if int(ref[i].argmax()) != int(f32[i].argmax())), STEPS)
+            report[mode].append({"prompt_len": len(case["prompt_ids"]),
+                                 "kiln_vs_hf_bf16": {"max": float(err.max()), "mean": float(err.mean())},
+                                 "kiln_vs_f32": {"max": float(kiln_err.max()), "mean": float(kiln_err.mean())},
+                                 "hf_bf16_vs_f32": {"max": float(hf_err.max()), "mean": float(hf_err.mean())},
+                                 "greedy_agree_with_hf_bf16": agree, "greedy_agree_with_f32": f32_agree,
+                                 "hf_bf16_greedy_agree_with_f32": hf_f32_agree})
+            print(f"{name} {mode} prompt {len(case['prompt_ids'])}: rel err vs HF bf16 max {err.max():.2e} "
+                  f"mean {err.mean():.2e}; vs f32: kiln mean {kiln_err.mean():.2e}, HF bf16 mean "
+                  f"{hf_err.mean():.2e}; greedy agrees {agree}/{STEPS} with HF bf16, {f32_agree}/{STEPS} "
+                  f"with f32 (HF bf16: {hf_f32_agree}/{STEPS})", flush=True)
     json.dump(report, open(os.path.join(OUT, f"e2e-{name}.json"), "w"), indent=1)
     return d
 
