@@ -232,7 +232,8 @@ mod tests {
         let res = fill(n, 3);
         let (hw, hr) = (upload::<F>(&c, &weight), upload::<F>(&c, &res));
         let out = upload::<F>(&c, &vec![f32::NAN; n]); // poisoned
-                                                       // The reference sees the inputs as the kernel does: of type F, or f32 partial sums.
+
+        // The reference sees the inputs as the kernel does: of type F, or f32 partial sums.
         let round = |v: &[f32]| F::round_trip(v);
         let input = match addend {
             Addend::Partials(_) => {
