@@ -82,30 +82,63 @@ pub(crate) fn swizzled(
     row * chunk + ((c / vp8) ^ (row % period)) * vp8 + c % vp8
 }
 
-/// Four 8×8 matrices of a [`swizzled`] stage starting at vector `base` as `mma` fragment
-/// registers: matrix `i` is rows `row0 + 8·(i % row_blocks)` to + 7 (`row0` a multiple of 8) at
-/// 8-value group `group0 + i / row_blocks`, and lane (g, t) gets values 2t, 2t + 1 of its row g
-/// in register `i` (`ldmatrix`, or plain loads without tensor cores). With `row_blocks` 2, an
-/// A fragment (rows g, g + 8 at k groups `group0`, + 1); with 1, the B fragments of two k16
-/// steps (groups `group0` to + 3 of rows 0–7). No register needs moving before the `mma`.
+/// The lane's share of the addresses [`load_fragments`] reads in a [`swizzled`] stage of
+/// `chunk` vectors a row (`vp8` vectors hold 8 values), for the 16 rows from `first_row` (a
+/// multiple of 8) and each even group `2q` of a row's first 8: with `i = lane / 8`, the row
+/// `8·(i % 2)` + lane % 8 at group `2q + i / 2` (A side), or the row `8·(i / 2)` + lane % 8 at
+/// group `2q + i % 2` (`b_side`), swizzled. Rows a multiple of 8 further on swizzle the same
+/// way, so every fragment's address is one of these plus a constant: computed once a kernel,
+/// they leave the loads an add each instead of the swizzle's arithmetic.
+#[cube]
+pub(crate) fn fragment_lanes(
+    first_row: usize,
+    #[comptime] chunk: usize,
+    #[comptime] vp8: usize,
+    #[comptime] b_side: bool,
+) -> Array<usize> {
+    let period = comptime![usize::min(chunk / vp8, 8)];
+    let lane = UNIT_POS as usize % WARP;
+    let (i, r) = (lane / 8, lane % 8);
+    let (row_div, group_div) = comptime![if b_side { (2usize, 1usize) } else { (1, 2) }];
+    let row = 8 * ((i / row_div) % 2) + r;
+    let step = (i / group_div) % 2;
+    let mut out = Array::<usize>::new(comptime![period / 2]);
+    #[unroll]
+    for q in 0..comptime![period / 2] {
+        out[q] = (first_row + row) * chunk + ((2 * q + step) ^ (r % period)) * vp8;
+    }
+    out
+}
+
+/// Four 8×8 matrices of a [`swizzled`] stage starting at vector `base`, as `mma` fragment
+/// registers: rows `first_row + row` to + 15 (both multiples of 8) at the 8-value groups
+/// `group0` and + 1 (`group0` even); lane (g, t) gets values 2t, 2t + 1 of its row g in each
+/// register (`ldmatrix` at [`fragment_lanes`]' `lanes` for `first_row`, or plain loads without
+/// tensor cores). On the A side, register `i` holds rows + 8·(i % 2) at group `group0 + i / 2`:
+/// one k16 step's A fragment of 16 weight rows. On the B side, rows + 8·(i / 2) at group
+/// `group0 + i % 2`: the B fragments (two registers each, in the order `mma` takes them) of
+/// two 8-row tiles of `x`. No register needs moving before the `mma`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn load_fragments<F: Float, N: Size>(
     ring_s: &SharedMemory<Vector<F, N>>,
     base: usize,
-    row0: usize,
+    first_row: usize,
+    row: usize,
     group0: usize,
-    #[comptime] row_blocks: usize,
+    lanes: &Array<usize>,
     #[comptime] chunk: usize,
     #[comptime] vp8: usize,
+    #[comptime] b_side: bool,
     #[comptime] hardware: bool,
 ) -> Array<Pair<F>> {
     let lane = UNIT_POS as usize % WARP;
     if comptime![hardware] {
-        // Lanes 8·i to 8·i + 7 give the addresses of matrix i's rows.
-        let i = lane / 8;
-        let row = row0 + 8 * (i % row_blocks) + lane % 8;
-        let at = base + swizzled(row, (group0 + i / row_blocks) * vp8, chunk, vp8);
+        let period = comptime![usize::min(chunk / vp8, 8)];
+        let at = base
+            + lanes[(group0 % period) / 2]
+            + row * chunk
+            + (group0 / period) * comptime![period * vp8];
         let def = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
         def.load_matrix::<Vector<F, N>, Const<2>>(
             &ring_s.slice(at, at + 1),
@@ -117,11 +150,16 @@ pub(crate) fn load_fragments<F: Float, N: Size>(
         let n = N::value();
         let (g, t) = (lane / 4, lane % 4);
         let mut out = Array::<Pair<F>>::new(4usize);
+        // Which bit of `i` picks the 8 rows and which the group, as in `fragment_lanes` (the
+        // same choice as `let mut` values reassigned under a comptime branch gave wrong sums
+        // on lavapipe; not isolated further).
+        let (row_div, group_div) = comptime![if b_side { (2usize, 1usize) } else { (1, 2) }];
         #[unroll]
         for i in 0..4usize {
-            let row = row0 + 8 * (i % row_blocks) + g;
-            let c = (group0 + i / row_blocks) * vp8 + 2 * t / n;
-            let v = ring_s[base + swizzled(row, c, chunk, vp8)];
+            let r = 8 * ((i / row_div) % 2);
+            let group = group0 + (i / group_div) % 2;
+            let c = group * vp8 + 2 * t / n;
+            let v = ring_s[base + swizzled(first_row + row + r + g, c, chunk, vp8)];
             let mut p = Pair::<F>::new(F::new(0.0));
             p[0] = v[2 * t % n];
             p[1] = v[(2 * t + 1) % n];

@@ -36,8 +36,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::mma::{
-    copy_vec, has_tensor_cores, load_fragments, mma, shared_bound, stage_barrier, swizzled, Pair,
-    EMULATION_SCRATCH, MBARRIER, STAGE_ALIGN, WARP,
+    copy_vec, fragment_lanes, has_tensor_cores, load_fragments, mma, shared_bound, stage_barrier,
+    swizzled, Pair, EMULATION_SCRATCH, MBARRIER, STAGE_ALIGN, WARP,
 };
 use crate::vector::vector_size;
 
@@ -238,12 +238,11 @@ fn finish(
 
 /// The shape of a stage, all comptime: `chunk` vectors per row (`steps` `K_STEP`s), `w_rows`
 /// weight rows (the cube's) then `x_rows` rows of `x`; `units` copy `w_slots` weight vectors
-/// and `x_slots` `x` vectors each per stage; plane `p` multiplies the weight tiles of
-/// `p % planes` by the `x` tiles of `p / planes`.
+/// and `x_slots` `x` vectors each per stage, the first `x_full` of them rows that every cube
+/// has. With `same_swizzle`, a unit's slots lie whole swizzle periods of rows apart, so they
+/// all swizzle as its first one does.
 #[derive(CubeType, Clone, Copy)]
 struct Ring {
-    #[cube(comptime)]
-    planes: usize,
     #[cube(comptime)]
     chunk: usize,
     #[cube(comptime)]
@@ -261,6 +260,10 @@ struct Ring {
     #[cube(comptime)]
     x_slots: usize,
     #[cube(comptime)]
+    x_full: usize,
+    #[cube(comptime)]
+    same_swizzle: bool,
+    #[cube(comptime)]
     stage: usize,
     /// Every split is whole chunks of `k` (no step of a chunk to skip).
     #[cube(comptime)]
@@ -269,8 +272,9 @@ struct Ring {
 
 /// Queues the copies of the chunk starting at `K_STEP` `s` into stage `st`: the unit's weight
 /// vectors (source offsets `w_src`, at `s = 0`), then its `x` vectors (`x_src`). A unit always
-/// copies vector `c = UNIT_POS % chunk` of its rows: one bound check on the split per chunk.
-/// Without tensor cores, plain loads and stores.
+/// copies vector `c = UNIT_POS % chunk` of its rows, its first one at `dst0` in a stage: one
+/// bound check on the split per chunk, and with `same_swizzle` every destination that offset
+/// plus a constant. Without tensor cores, plain loads and stores.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn issue<F: Float, N: Size>(
@@ -279,6 +283,7 @@ fn issue<F: Float, N: Size>(
     ring_s: &mut SharedMemory<Vector<F, N>>,
     w_src: &Array<usize>,
     x_src: &Array<usize>,
+    dst0: usize,
     s: usize,
     span: Span,
     st: usize,
@@ -287,35 +292,127 @@ fn issue<F: Float, N: Size>(
 ) {
     let vec = comptime![8 / ring.vecs_per_8];
     let c = UNIT_POS as usize % ring.chunk;
-    if s + c / ring.per_step < span.s1 {
+    let mut live = s < span.s1;
+    if comptime![!ring.whole_chunks] {
+        live = s + c / ring.per_step < span.s1;
+    }
+    if live {
         let off = s * ring.per_step;
         let row0 = UNIT_POS as usize / ring.chunk;
         let rows_per_slot = comptime![ring.units / ring.chunk];
+        let at = st * ring.stage;
         #[unroll]
         for i in 0..ring.w_slots {
-            let dst = st * ring.stage
-                + swizzled(row0 + i * rows_per_slot, c, ring.chunk, ring.vecs_per_8);
+            let mut dst = at + dst0 + i * comptime![rows_per_slot * ring.chunk];
+            if comptime![!ring.same_swizzle] {
+                dst = at + swizzled(row0 + i * rows_per_slot, c, ring.chunk, ring.vecs_per_8);
+            }
             copy_vec::<F, N>(w, w_src[i] + off, ring_s, dst, vec, hardware);
         }
         #[unroll]
         for i in 0..ring.x_slots {
             let row = row0 + i * rows_per_slot;
-            if row < ring.x_rows {
-                let dst =
-                    st * ring.stage + swizzled(ring.w_rows + row, c, ring.chunk, ring.vecs_per_8);
+            // Slots past `x_full` may hold rows past the stage's `x_rows`.
+            if i < ring.x_full || row < ring.x_rows {
+                let mut dst = at
+                    + dst0
+                    + comptime![ring.w_rows * ring.chunk]
+                    + i * comptime![rows_per_slot * ring.chunk];
+                if comptime![!ring.same_swizzle] {
+                    dst = at + swizzled(ring.w_rows + row, c, ring.chunk, ring.vecs_per_8);
+                }
                 copy_vec::<F, N>(x, x_src[i] + off, ring_s, dst, vec, hardware);
             }
         }
     }
 }
 
-/// The plane's products over the chunk in stage `st` (starting at `K_STEP` `s`).
+/// One k16 step's fragments from stage `base` into half `buf` of the plane's double buffers:
+/// the A fragment of each weight tile (`wa`, 4 registers a tile) and the B fragments of each
+/// pair of `x` tiles (`xb`, 4 registers a pair, 2 a tile). An odd count's last pair starts a
+/// tile early and keeps only its second tile: with an odd count the pairs are counted from 8
+/// rows before the plane's first tile (rows of the stage too), the first pairs from row 8.
+/// `lanes_w` and `lanes_x`: [`fragment_lanes`] at `w_row0` and `x_row0`, the plane's first
+/// weight row and that first row of its pairs.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_step<F: Float, N: Size>(
+    ring_s: &SharedMemory<Vector<F, N>>,
+    wa: &mut Array<Pair<F>>,
+    xb: &mut Array<Pair<F>>,
+    lanes_w: &Array<usize>,
+    lanes_x: &Array<usize>,
+    base: usize,
+    w_row0: usize,
+    x_row0: usize,
+    t: usize,
+    buf: usize,
+    #[comptime] ring: Ring,
+    #[comptime] row_tiles: usize,
+    #[comptime] m_tiles: usize,
+    #[comptime] hardware: bool,
+) {
+    let pairs = comptime![m_tiles.div_ceil(2)];
+    let (chunk, vp8) = (ring.chunk, ring.vecs_per_8);
+    #[unroll]
+    for r in 0..row_tiles {
+        let q = load_fragments::<F, N>(
+            ring_s,
+            base,
+            w_row0,
+            16 * r,
+            2 * t,
+            lanes_w,
+            chunk,
+            vp8,
+            false,
+            hardware,
+        );
+        #[unroll]
+        for i in 0..4usize {
+            wa[(buf * row_tiles + r) * 4 + i] = q[i];
+        }
+    }
+    #[unroll]
+    for p in 0..pairs {
+        // 16·p, + 8 for all but the last pair where the count is odd.
+        let shift = comptime![8 * (m_tiles % 2)];
+        let row = 16 * p + shift - shift * ((p + 1) / pairs);
+        let q = load_fragments::<F, N>(
+            ring_s,
+            base,
+            x_row0,
+            row,
+            2 * t,
+            lanes_x,
+            chunk,
+            vp8,
+            true,
+            hardware,
+        );
+        // The odd last pair's second tile goes where a first tile's registers go.
+        let from = shift / 4 * ((p + 1) / pairs);
+        let at = (buf * pairs + p) * 4;
+        #[unroll]
+        for i in 0..4usize {
+            xb[at + i] = q[(i + from) % 4];
+        }
+    }
+}
+
+/// The plane's products over the chunk in stage `st` (starting at `K_STEP` `s`), one k16 step
+/// at a time, the next step's fragments loaded before this one's products so that the
+/// `ldmatrix` latency hides behind them (rows and lanes as [`load_step`] takes them).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn multiply<F: Float, N: Size>(
     ring_s: &SharedMemory<Vector<F, N>>,
     acc: &mut Array<Pair<f32>>,
     scratch: &mut SharedMemory<f32>,
+    lanes_w: &Array<usize>,
+    lanes_x: &Array<usize>,
+    w_row0: usize,
+    x_row0: usize,
     s: usize,
     span: Span,
     st: usize,
@@ -325,84 +422,63 @@ fn multiply<F: Float, N: Size>(
     #[comptime] steps: usize,
     #[comptime] hardware: bool,
 ) {
-    let (chunk, vp8) = (ring.chunk, ring.vecs_per_8);
-    let plane = UNIT_POS as usize / WARP;
-    let (pw, px) = (plane % ring.planes, plane / ring.planes);
+    let pairs = comptime![m_tiles.div_ceil(2)];
+    let k16 = comptime![2 * steps];
     let base = st * ring.stage;
-    let w_row0 = pw * row_tiles * 16;
-    let x_row0 = ring.w_rows + px * m_tiles * 8;
+    let mut wa = Array::<Pair<F>>::new(comptime![2 * 4 * row_tiles]);
+    let mut xb = Array::<Pair<F>>::new(comptime![2 * 4 * pairs]);
+    load_step::<F, N>(
+        ring_s, &mut wa, &mut xb, lanes_w, lanes_x, base, w_row0, x_row0, 0usize, 0usize, ring,
+        row_tiles, m_tiles, hardware,
+    );
     #[unroll]
-    for j in 0..steps {
+    for t in 0..k16 {
+        let buf = t % 2;
+        if t < comptime![k16 - 1] {
+            load_step::<F, N>(
+                ring_s,
+                &mut wa,
+                &mut xb,
+                lanes_w,
+                lanes_x,
+                base,
+                w_row0,
+                x_row0,
+                t + 1,
+                (t + 1) % 2,
+                ring,
+                row_tiles,
+                m_tiles,
+                hardware,
+            );
+        }
         let mut live = true;
         if comptime![!ring.whole_chunks] {
-            live = s + j < span.s1;
+            live = s + t / 2 < span.s1;
         }
         if live {
-            // A fragments of each weight tile for both k16 steps (groups 4j + 2·half, + 1),
-            // then B fragments of each x tile (groups 4j to 4j + 3: two per k16 step).
-            let mut wa = Array::<Pair<F>>::new(comptime![8 * row_tiles]);
-            #[unroll]
-            for half in 0..2usize {
-                #[unroll]
-                for r in 0..row_tiles {
-                    let q = load_fragments::<F, N>(
-                        ring_s,
-                        base,
-                        w_row0 + 16 * r,
-                        4 * j + 2 * half,
-                        2usize,
-                        chunk,
-                        vp8,
-                        hardware,
-                    );
-                    #[unroll]
-                    for i in 0..4usize {
-                        wa[(half * row_tiles + r) * 4 + i] = q[i];
-                    }
-                }
-            }
-            let mut xb = Array::<Pair<F>>::new(comptime![4 * m_tiles]);
-            #[unroll]
-            for mt in 0..m_tiles {
-                let q = load_fragments::<F, N>(
-                    ring_s,
-                    base,
-                    x_row0 + 8 * mt,
-                    4 * j,
-                    1usize,
-                    chunk,
-                    vp8,
-                    hardware,
-                );
-                #[unroll]
-                for i in 0..4usize {
-                    xb[mt * 4 + i] = q[i];
-                }
-            }
             // Consecutive products go to different accumulators (a product's result is
             // needed again only m_tiles·row_tiles products later).
             #[unroll]
-            for half in 0..2usize {
+            for mt in 0..m_tiles {
+                let pair = (buf * pairs + mt / 2) * 4 + 2 * (mt % 2);
+                let mut b = Array::<Pair<F>>::new(2usize);
+                b[0] = xb[pair];
+                b[1] = xb[pair + 1];
                 #[unroll]
-                for mt in 0..m_tiles {
-                    let mut b = Array::<Pair<F>>::new(2usize);
-                    b[0] = xb[mt * 4 + 2 * half];
-                    b[1] = xb[mt * 4 + 2 * half + 1];
+                for r in 0..row_tiles {
+                    let mut a = Array::<Pair<F>>::new(4usize);
                     #[unroll]
-                    for r in 0..row_tiles {
-                        let mut a = Array::<Pair<F>>::new(4usize);
-                        #[unroll]
-                        for i in 0..4usize {
-                            a[i] = wa[(half * row_tiles + r) * 4 + i];
-                        }
-                        let mut cc = Array::<Pair<f32>>::new(2usize);
-                        let at = (r * m_tiles + mt) * 2;
-                        cc[0] = acc[at];
-                        cc[1] = acc[at + 1];
-                        mma::<F>(&a, &b, &mut cc, scratch, hardware);
-                        acc[at] = cc[0];
-                        acc[at + 1] = cc[1];
+                    for i in 0..4usize {
+                        a[i] = wa[(buf * row_tiles + r) * 4 + i];
                     }
+                    let mut cc = Array::<Pair<f32>>::new(2usize);
+                    let at = (r * m_tiles + mt) * 2;
+                    cc[0] = acc[at];
+                    cc[1] = acc[at + 1];
+                    mma::<F>(&a, &b, &mut cc, scratch, hardware);
+                    acc[at] = cc[0];
+                    acc[at + 1] = cc[1];
                 }
             }
         }
@@ -441,8 +517,8 @@ fn mma_gemm_kernel<F: Float, N: Size>(
     let chunk = comptime![steps * per_step];
     let w_rows = comptime![16 * planes * row_tiles];
     let x_rows = comptime![8 * x_planes * m_tiles];
+    let rows_per_slot = comptime![units / chunk];
     let ring = comptime![Ring {
-        planes,
         chunk,
         per_step,
         vecs_per_8: 8 / vec,
@@ -451,6 +527,8 @@ fn mma_gemm_kernel<F: Float, N: Size>(
         units,
         w_slots: w_rows * chunk / units,
         x_slots: (x_rows * chunk).div_ceil(units),
+        x_full: x_rows / rows_per_slot,
+        same_swizzle: rows_per_slot.is_multiple_of(usize::min(chunk * vec / 8, 8)),
         stage: (w_rows + x_rows) * chunk,
         whole_chunks,
     }];
@@ -488,6 +566,14 @@ fn mma_gemm_kernel<F: Float, N: Size>(
     // and x rows past `m` are read but never stored), vector `UNIT_POS % chunk`.
     let c = UNIT_POS as usize % chunk;
     let row0 = UNIT_POS as usize / chunk;
+    let dst0 = swizzled(row0, c, chunk, comptime![8 / vec]);
+    // The plane's first weight row and the first row of its `x` tile pairs (8 rows early for
+    // an odd count, see `load_step`), and its lanes' fragment addresses from them.
+    let plane = UNIT_POS as usize / WARP;
+    let w_row0 = (plane % planes) * row_tiles * 16;
+    let x_row0 = w_rows + (plane / planes) * m_tiles * 8 - comptime![8 * (m_tiles % 2)];
+    let lanes_w = fragment_lanes(w_row0, chunk, comptime![8 / vec], false);
+    let lanes_x = fragment_lanes(x_row0, chunk, comptime![8 / vec], true);
     let mut w_src = Array::<usize>::new(ring.w_slots);
     #[unroll]
     for i in 0..ring.w_slots {
@@ -521,6 +607,7 @@ fn mma_gemm_kernel<F: Float, N: Size>(
             &mut ring_s,
             &w_src,
             &x_src,
+            dst0,
             s,
             span,
             st,
@@ -540,6 +627,7 @@ fn mma_gemm_kernel<F: Float, N: Size>(
             &mut ring_s,
             &w_src,
             &x_src,
+            dst0,
             s_ahead,
             span,
             ahead,
@@ -552,6 +640,10 @@ fn mma_gemm_kernel<F: Float, N: Size>(
             &ring_s,
             &mut acc,
             &mut scratch,
+            &lanes_w,
+            &lanes_x,
+            w_row0,
+            x_row0,
             s,
             span,
             st,
@@ -568,7 +660,6 @@ fn mma_gemm_kernel<F: Float, N: Size>(
 
     // Lane (g, t) holds weight rows g, g + 8 of each tile at x rows 8·mt + 2t, + 1.
     let lane = UNIT_POS as usize % WARP;
-    let plane = UNIT_POS as usize / WARP;
     let (pw, px) = (plane % planes, plane / planes);
     let (g, t) = (lane / 4, lane % 4);
     let first_tile = (w_block * planes + pw) * tiles_per_half;
@@ -1063,5 +1154,21 @@ mod tests {
     fn one_tile_planes_and_f16() {
         check::<f32>(3, 100, 160, (false, false, false), ONE_TILE, 1e-5);
         check::<half::f16>(8, 64, 256, (true, false, false), SMALL, 3e-3);
+    }
+
+    /// Four planes of f16 copy whole swizzle periods of rows apart (every copy's destination the
+    /// unit's first plus a constant, as on the GPU); 3 and 20 rows give one and three `x`
+    /// tiles, so the odd last tile pair starts a tile early, before the `x` rows at one tile.
+    #[test]
+    fn copies_a_swizzle_period_apart() {
+        let four = Tuning {
+            planes: 4,
+            row_tiles: 1,
+            stages: 2,
+            ..DECODE
+        };
+        for m in [3, 20] {
+            check::<half::f16>(m, 100, 96, (false, false, true), four, 3e-3);
+        }
     }
 }
