@@ -66,6 +66,28 @@ pub(crate) fn pair_of<F: Float, N: Size>(
     p
 }
 
+/// Rows after which [`swizzled`]'s pattern repeats, for stages of `chunk` vectors a row (`vp8`
+/// vectors hold 8 values): the groups of a row, at most 8.
+pub(crate) const fn swizzle_period(chunk: usize, vp8: usize) -> usize {
+    let groups = chunk / vp8;
+    if groups < 8 {
+        groups
+    } else {
+        8
+    }
+}
+
+/// How [`load_fragments`]' four 8×8 matrices are ordered, as the divisors of the matrix index
+/// `i` whose lowest bit picks the 8-row half and the 8-value group: A side `i % 2` the rows
+/// and `i / 2` the group, B side (`b_side`) the other way round.
+const fn matrix_order(b_side: bool) -> (usize, usize) {
+    if b_side {
+        (2, 1)
+    } else {
+        (1, 2)
+    }
+}
+
 /// Where vector `c` of row `row` lies in a stage of `chunk` vectors a row (`vp8` vectors hold 8
 /// values; `groups` = chunk / vp8 such groups a row, a power of two): group `o` at
 /// `o ^ (row % min(groups, 8))`, so one group of 8 consecutive rows (a phase of `ldmatrix`)
@@ -78,7 +100,7 @@ pub(crate) fn swizzled(
     #[comptime] chunk: usize,
     #[comptime] vp8: usize,
 ) -> usize {
-    let period = comptime![usize::min(chunk / vp8, 8)];
+    let period = comptime![swizzle_period(chunk, vp8)];
     row * chunk + ((c / vp8) ^ (row % period)) * vp8 + c % vp8
 }
 
@@ -96,10 +118,10 @@ pub(crate) fn fragment_lanes(
     #[comptime] vp8: usize,
     #[comptime] b_side: bool,
 ) -> Array<usize> {
-    let period = comptime![usize::min(chunk / vp8, 8)];
+    let period = comptime![swizzle_period(chunk, vp8)];
     let lane = UNIT_POS as usize % WARP;
     let (i, r) = (lane / 8, lane % 8);
-    let (row_div, group_div) = comptime![if b_side { (2usize, 1usize) } else { (1, 2) }];
+    let (row_div, group_div) = comptime![matrix_order(b_side)];
     let row = 8 * ((i / row_div) % 2) + r;
     let step = (i / group_div) % 2;
     let mut out = Array::<usize>::new(comptime![period / 2]);
@@ -134,7 +156,7 @@ pub(crate) fn load_fragments<F: Float, N: Size>(
 ) -> Array<Pair<F>> {
     let lane = UNIT_POS as usize % WARP;
     if comptime![hardware] {
-        let period = comptime![usize::min(chunk / vp8, 8)];
+        let period = comptime![swizzle_period(chunk, vp8)];
         let at = base
             + lanes[(group0 % period) / 2]
             + row * chunk
@@ -150,10 +172,9 @@ pub(crate) fn load_fragments<F: Float, N: Size>(
         let n = N::value();
         let (g, t) = (lane / 4, lane % 4);
         let mut out = Array::<Pair<F>>::new(4usize);
-        // Which bit of `i` picks the 8 rows and which the group, as in `fragment_lanes` (the
-        // same choice as `let mut` values reassigned under a comptime branch gave wrong sums
-        // on lavapipe; not isolated further).
-        let (row_div, group_div) = comptime![if b_side { (2usize, 1usize) } else { (1, 2) }];
+        // (The same choice as `let mut` values reassigned under a comptime branch gave wrong
+        // sums on lavapipe; not isolated further.)
+        let (row_div, group_div) = comptime![matrix_order(b_side)];
         #[unroll]
         for i in 0..4usize {
             let r = 8 * ((i / row_div) % 2);

@@ -37,7 +37,7 @@ use cubecl::server::Handle;
 
 use crate::mma::{
     copy_vec, fragment_lanes, has_tensor_cores, load_fragments, mma, shared_bound, stage_barrier,
-    swizzled, Pair, EMULATION_SCRATCH, MBARRIER, STAGE_ALIGN, WARP,
+    swizzle_period, swizzled, Pair, EMULATION_SCRATCH, MBARRIER, STAGE_ALIGN, WARP,
 };
 use crate::vector::vector_size;
 
@@ -529,7 +529,7 @@ fn mma_gemm_kernel<F: Float, N: Size>(
         w_slots: w_rows * chunk / units,
         x_slots: (x_rows * chunk).div_ceil(units),
         x_full: x_rows / rows_per_slot,
-        same_swizzle: rows_per_slot.is_multiple_of(usize::min(chunk * vec / 8, 8)),
+        same_swizzle: rows_per_slot.is_multiple_of(swizzle_period(chunk, 8 / vec)),
         stage: (w_rows + x_rows) * chunk,
         whole_chunks,
     }];
