@@ -571,8 +571,9 @@ fn mma_gemm_kernel<F: Float, N: Size>(
     // The plane's first weight row and the first row of its `x` tile pairs (8 rows early for
     // an odd count, see `load_step`), and its lanes' fragment addresses from them.
     let plane = UNIT_POS as usize / WARP;
-    let w_row0 = (plane % planes) * row_tiles * 16;
-    let x_row0 = w_rows + (plane / planes) * m_tiles * 8 - comptime![8 * (m_tiles % 2)];
+    let (pw, px) = (plane % planes, plane / planes);
+    let w_row0 = pw * row_tiles * 16;
+    let x_row0 = w_rows + px * m_tiles * 8 - comptime![8 * (m_tiles % 2)];
     let lanes_w = fragment_lanes(w_row0, chunk, comptime![8 / vec], false);
     let lanes_x = fragment_lanes(x_row0, chunk, comptime![8 / vec], true);
     let mut w_src = Array::<usize>::new(ring.w_slots);
@@ -661,7 +662,6 @@ fn mma_gemm_kernel<F: Float, N: Size>(
 
     // Lane (g, t) holds weight rows g, g + 8 of each tile at x rows 8·mt + 2t, + 1.
     let lane = UNIT_POS as usize % WARP;
-    let (pw, px) = (plane % planes, plane / planes);
     let (g, t) = (lane / 4, lane % 4);
     let first_tile = (w_block * planes + pw) * tiles_per_half;
     let first_row = x_block * x_rows + px * m_tiles * 8;
