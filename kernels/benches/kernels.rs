@@ -566,15 +566,50 @@ fn decode_attention_case(b: &mut Bench, tokens: usize, ctx: usize, configs: &[At
 /// checked against the reference on ragged chunks, timed on whole prompts as TFLOP/s
 /// (2·s²·d·heads for a causal prompt of s tokens, as torch's SDPA is counted).
 fn bench_prefill_attention(b: &mut Bench) {
-    let shape = pfa::Shape {
-        heads: 32,
-        kv_heads: 8,
-        head_dim: 128,
-        block_size: 16,
-    };
-    let (hd, kvh) = (shape.head_dim, shape.kv_heads);
-    let tiling = pfa::Tiling::for_device::<R, bf16>(&b.client, shape);
+    let tiling = pfa::Tiling::for_device::<R, bf16>(&b.client, PREFILL_ATTENTION);
     println!("prefill attention tiling: {tiling:?}");
+    prefill_attention_cases(b, tiling, "prefill_attention");
+}
+
+/// Llama-3.1-8B's attention shape, on 16-key cache blocks.
+const PREFILL_ATTENTION: pfa::Shape = pfa::Shape {
+    heads: 32,
+    kv_heads: 8,
+    head_dim: 128,
+    block_size: 16,
+};
+
+/// Prefill attention's tilings (planes of 16 query rows a cube × keys a block) on the bench's
+/// cases: a cube of more planes shares each K/V block among more rows, and past 8 planes
+/// (`__launch_bounds__` of its units) ptxas holds it to fewer registers a thread.
+fn sweep_prefill_attention(b: &mut Bench) {
+    let mma = pfa::Tiling::for_device::<R, bf16>(&b.client, PREFILL_ATTENTION).mma;
+    for (planes, block_keys) in [
+        (4, 64),
+        (8, 64),
+        (12, 64),
+        (16, 64),
+        (8, 32),
+        (12, 32),
+        (16, 32),
+    ] {
+        let tiling = pfa::Tiling {
+            planes,
+            block_keys,
+            mma,
+        };
+        prefill_attention_cases(
+            b,
+            tiling,
+            &format!("prefill_attention {planes}x{block_keys}"),
+        );
+    }
+}
+
+/// [`bench_prefill_attention`]'s cases on one tiling, reported as `kernel`.
+fn prefill_attention_cases(b: &mut Bench, tiling: pfa::Tiling, kernel: &str) {
+    let shape = PREFILL_ATTENTION;
+    let (hd, kvh) = (shape.head_dim, shape.kv_heads);
     // (cached keys, new rows) per sequence.
     let cases: &[&[(usize, usize)]] = if b.quick {
         &[&[(0, 70), (37, 20)]]
@@ -629,7 +664,7 @@ fn bench_prefill_attention(b: &mut Bench) {
         let got = b.read(out.clone());
         let err = if tokens <= 512 {
             let want = pfa::reference(shape, &chunks, &q, &k, &v, &ids, max_blocks, scale);
-            b.check("prefill_attention", &got, &want, 2e-2)
+            b.check(kernel, &got, &want, 2e-2)
         } else {
             assert!(
                 got.iter().all(|x| x.is_finite()),
@@ -647,13 +682,12 @@ fn bench_prefill_attention(b: &mut Bench) {
         let tflops = flops / secs / 1e12;
         let desc = format!("{seqs:?} h=32 kvh=8 d=128");
         println!(
-            "| prefill_attention      | {desc} | {:>9.1} | {tflops:>6.0} TFLOP/s | {err:.1e} |",
+            "| {kernel:<22} | {desc} | {:>9.1} | {tflops:>6.0} TFLOP/s | {err:.1e} |",
             secs * 1e6
         );
-        b.rows.push(
-            serde_json::json!({"kernel": "prefill_attention", "shape": desc,
-            "us": secs * 1e6, "tflops": tflops, "rel_err": err, "tiling": format!("{tiling:?}")}),
-        );
+        b.rows
+            .push(serde_json::json!({"kernel": kernel, "shape": desc,
+            "us": secs * 1e6, "tflops": tflops, "rel_err": err, "tiling": format!("{tiling:?}")}));
     }
 }
 
@@ -1263,7 +1297,7 @@ fn main() {
     // $KILN_BENCH_ONLY (comma-separated names) runs a subset.
     let only = std::env::var("KILN_BENCH_ONLY").ok();
     type BenchFn = fn(&mut Bench);
-    let benches: [(&str, BenchFn); 18] = [
+    let benches: [(&str, BenchFn); 19] = [
         ("rms_norm", bench_rms_norm),
         ("silu_mul", bench_silu_mul),
         ("step_kernels", bench_step_kernels),
@@ -1277,6 +1311,7 @@ fn main() {
         ("sweep_decode_attention", sweep_decode_attention),
         ("sweep_decode_tiles", sweep_decode_tiles),
         ("prefill_attention", bench_prefill_attention),
+        ("sweep_prefill_attention", sweep_prefill_attention),
         ("sweep_matmul", sweep_matmul),
         ("skinny", bench_skinny),
         ("sweep_skinny", sweep_skinny),

@@ -338,15 +338,18 @@ fn copy_block<F: Float, N: Size>(
     #[comptime] planes: usize,
 ) {
     let vecs = comptime![head_dim / vec];
-    // A whole number of rounds: with 8-value vectors (16 bytes of bf16/f16) bc·vecs =
-    // bc·head_dim / 8, a multiple of planes·32 units for every tiling when head_dim is a
-    // multiple of 16, as `mma` needs.
+    // Rounds of the cube's units over the block's bc·vecs vectors: a whole number of them for
+    // power-of-two plane counts (bc·head_dim / 8 is a multiple of planes·32 when head_dim is
+    // a multiple of 16, as `mma` needs); otherwise the last round's extra units copy nothing.
     let units = comptime![planes * WARP];
-    let steps = comptime![bc * vecs / units];
+    let total = comptime![bc * vecs];
+    let steps = comptime![total.div_ceil(units)];
+    let whole = comptime![total % units == 0];
     let mut src = Array::<usize>::new(steps);
     #[unroll]
     for s in 0..steps {
         let i = s * units + UNIT_POS as usize;
+        // The extra units' keys are clamped too, so their table reads stay in the row.
         let pos = usize::min(k0 + i / vecs, n_keys - 1);
         let block = block_tables[at.table_row * at.max_blocks + pos / block_size] as usize;
         src[s] = ((block * block_size + pos % block_size) * kv_heads + at.kvh) * vecs + i % vecs;
@@ -354,17 +357,19 @@ fn copy_block<F: Float, N: Size>(
     #[unroll]
     for s in 0..steps {
         let i = s * units + UNIT_POS as usize;
-        let dst = base + swizzled(i / vecs, i % vecs, vecs, comptime![8 / vec]);
-        copy_async(
-            &k_cache.slice(src[s], src[s] + 1),
-            &mut k_s.slice_mut(dst, dst + 1),
-            vec as u32,
-        );
-        copy_async(
-            &v_cache.slice(src[s], src[s] + 1),
-            &mut v_s.slice_mut(dst, dst + 1),
-            vec as u32,
-        );
+        if whole || s + 1 < steps || i < total {
+            let dst = base + swizzled(i / vecs, i % vecs, vecs, comptime![8 / vec]);
+            copy_async(
+                &k_cache.slice(src[s], src[s] + 1),
+                &mut k_s.slice_mut(dst, dst + 1),
+                vec as u32,
+            );
+            copy_async(
+                &v_cache.slice(src[s], src[s] + 1),
+                &mut v_s.slice_mut(dst, dst + 1),
+                vec as u32,
+            );
+        }
     }
 }
 
@@ -530,16 +535,20 @@ fn attend_mma<F: Float, N: Size>(
             ready1.arrive_and_wait();
         }
         let base = cur * buf;
-        if k0 + bc <= unmasked_end {
-            attend_block::<F, N>(
-                &def, &q_frag, &k_s, &v_s, &mut o, &mut m_run, &mut l_run, &last, base, k0, scale,
-                head_dim, vec, bc, false,
-            );
-        } else {
-            attend_block::<F, N>(
-                &def, &q_frag, &k_s, &v_s, &mut o, &mut m_run, &mut l_run, &last, base, k0, scale,
-                head_dim, vec, bc, true,
-            );
+        // A plane skips the blocks all of its rows are past (the tile's last ones, for the
+        // planes nearer its top); it still takes part in the barriers.
+        if k0 < at.p0 + r0 + PLANE_ROWS {
+            if k0 + bc <= unmasked_end {
+                attend_block::<F, N>(
+                    &def, &q_frag, &k_s, &v_s, &mut o, &mut m_run, &mut l_run, &last, base, k0,
+                    scale, head_dim, vec, bc, false,
+                );
+            } else {
+                attend_block::<F, N>(
+                    &def, &q_frag, &k_s, &v_s, &mut o, &mut m_run, &mut l_run, &last, base, k0,
+                    scale, head_dim, vec, bc, true,
+                );
+            }
         }
         sync_cube(); // this buffer is free for the block after next
     }
