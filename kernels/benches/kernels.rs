@@ -1209,6 +1209,13 @@ fn sweep_prefill_gemm(b: &mut Bench) {
         (4, 2, 4, 8, 2, 3),
         (4, 2, 4, 8, 2, 4),
         (2, 4, 4, 8, 2, 3),
+        // More warps a scheduler: 64 × 32 (or 32 × 64) planes in cubes of 8, 12 and 16 planes
+        // (12 and 16 hold ptxas to 168 and 128 registers a thread).
+        (2, 4, 4, 4, 2, 3),
+        (4, 2, 4, 4, 2, 3),
+        (3, 4, 4, 4, 2, 3),
+        (3, 4, 2, 8, 2, 3),
+        (4, 4, 4, 4, 2, 2),
     ];
     let shapes: Vec<(&str, usize, usize, bool)> = if b.quick {
         vec![("quick", 300, 512, false), ("quick_swiglu", 150, 512, true)]
