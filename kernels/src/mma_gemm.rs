@@ -159,10 +159,11 @@ const DECODE: Tuning = Tuning {
 };
 
 /// Prefill chunks: 128 weight rows × 128 rows of `x` a cube, 64 × 64 a plane (the most
-/// products per byte read from shared memory that 255 registers hold), two cubes an SM: of 11
+/// products per byte read from shared memory that 255 registers hold), two cubes an SM: of 16
 /// spreads on Llama-3.1-8B's projections at 2,048 rows the best or within 1 % of it on all
 /// four, gate-up with SwiGLU too (H200, benches/RESULTS.md; the tie: 256 × 128 cubes of 8
-/// planes, 2 stages of 4 `K_STEP`s).
+/// planes, 2 stages of 4 `K_STEP`s). 64 × 32 planes at 3–4 warps a scheduler ran 7–35 %
+/// slower: their extra fragment reads cost more than the warps hide.
 pub const PREFILL: Tuning = Tuning {
     planes: 2,
     x_planes: 2,

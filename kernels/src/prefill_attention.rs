@@ -44,7 +44,8 @@ pub struct Tiling {
 }
 
 impl Tiling {
-    /// The largest tiling whose shared tiles fit the device (4 planes × 64 keys on a GPU).
+    /// The largest tiling whose shared tiles fit the device (4 planes × 64 keys on a GPU; cubes
+    /// of 8–16 planes, at 32 or 64 keys, ran 3–73 % slower on the H200: benches/RESULTS.md).
     pub fn for_device<R: Runtime, F: CubePrimitive>(
         client: &ComputeClient<R>,
         shape: Shape,
