@@ -1225,16 +1225,10 @@ fn sweep_prefill_gemm(b: &mut Bench) {
     for (name, n, k, swiglu) in shapes {
         let w = ProjWeight::new(b, n, k, swiglu);
         let case = ProjCase::new(b, &w, m);
-        let flops = 2.0 * (m * n * k * if swiglu { 2 } else { 1 }) as f64;
+        let shape = format!("{name} m={m} n={n} k={k}");
+        let flops = gemm_flops(m, n, k, swiglu);
         let report = |b: &mut Bench, kernel: String, secs: f64, err: f64| {
-            let tflops = flops / secs / 1e12;
-            println!(
-                "| {kernel:<40} | {name} m={m} n={n} k={k} | {:>9.1} | {tflops:>5.0} TFLOP/s | {err:.1e} |",
-                secs * 1e6
-            );
-            b.rows.push(serde_json::json!({"kernel": kernel,
-                "shape": format!("{name} m={m} n={n} k={k}"), "us": secs * 1e6,
-                "tflops": tflops, "rel_err": err}));
+            report_tflops(b, &kernel, &shape, flops, secs, err)
         };
         for (planes, x_planes, row_tiles, x_tiles, chunk_steps, stages) in tunings {
             let tuning = mma_gemm::Tuning {
@@ -1260,6 +1254,56 @@ fn sweep_prefill_gemm(b: &mut Bench) {
         let secs = b.time(10, |i| case.cubek(b, &w, i, &full));
         report(b, "matmul (cubek)".into(), secs, err);
     }
+}
+
+/// `mma_gemm`'s prefill spread at 512 and 1,024 rows (one or two 256- or 512-token prompts),
+/// unsplit and with `k` split in 2–4: whether splitting pays where a projection's cubes fill
+/// less than a wave of the device (O at 512 rows: 128 cubes), its partial sums and their
+/// reduction against the fuller wave (time it under Nsight Compute: scripts/gpu-ncu-times.sh).
+fn sweep_prefill_splits(b: &mut Bench) {
+    for (name, n, k, swiglu) in &DECODE_SHAPES[..4] {
+        let w = ProjWeight::new(b, *n, *k, *swiglu);
+        for m in [512usize, 1024] {
+            let case = ProjCase::new(b, &w, m);
+            let shape = format!("{name} m={m} n={n} k={k}");
+            for splits in [1usize, 2, 3, 4] {
+                let tuning = mma_gemm::Tuning {
+                    splits: Some(splits),
+                    ..mma_gemm::PREFILL
+                };
+                case.mma_gemm(b, &w, 0, tuning);
+                let err = case.check(b, "mma_gemm");
+                let secs = b.time(10, |i| case.mma_gemm(b, &w, i, tuning));
+                let kernel = format!("gemm PREFILL splits={splits}");
+                report_tflops(
+                    b,
+                    &kernel,
+                    &shape,
+                    gemm_flops(m, *n, *k, *swiglu),
+                    secs,
+                    err,
+                );
+            }
+        }
+    }
+}
+
+/// FLOPs of `x [m, k]` times a weight of `n` rows (twice `n` for a gate-up weight).
+fn gemm_flops(m: usize, n: usize, k: usize, swiglu: bool) -> f64 {
+    2.0 * (m * n * k * if swiglu { 2 } else { 1 }) as f64
+}
+
+/// Prints and records a GEMM's time as TFLOP/s.
+fn report_tflops(b: &mut Bench, kernel: &str, shape: &str, flops: f64, secs: f64, err: f64) {
+    let tflops = flops / secs / 1e12;
+    println!(
+        "| {kernel:<40} | {shape} | {:>9.1} | {tflops:>5.0} TFLOP/s | {err:.1e} |",
+        secs * 1e6
+    );
+    b.rows.push(
+        serde_json::json!({"kernel": kernel, "shape": shape, "us": secs * 1e6,
+        "tflops": tflops, "rel_err": err}),
+    );
 }
 
 /// ‖got − want‖ / ‖want‖.
@@ -1304,7 +1348,7 @@ fn main() {
     // $KILN_BENCH_ONLY (comma-separated names) runs a subset.
     let only = std::env::var("KILN_BENCH_ONLY").ok();
     type BenchFn = fn(&mut Bench);
-    let benches: [(&str, BenchFn); 19] = [
+    let benches: [(&str, BenchFn); 20] = [
         ("rms_norm", bench_rms_norm),
         ("silu_mul", bench_silu_mul),
         ("step_kernels", bench_step_kernels),
@@ -1324,6 +1368,7 @@ fn main() {
         ("sweep_skinny", sweep_skinny),
         ("sweep_splits", sweep_splits),
         ("prefill_gemm", sweep_prefill_gemm),
+        ("sweep_prefill_splits", sweep_prefill_splits),
     ];
     for (name, run) in benches {
         let wanted = only
