@@ -162,7 +162,7 @@ const DECODE: Tuning = Tuning {
 /// products per byte read from shared memory that 255 registers hold), two cubes an SM: of 16
 /// spreads on Llama-3.1-8B's projections at 2,048 rows the best or within 1 % of it on all
 /// four, gate-up with SwiGLU too (H200, benches/RESULTS.md; the tie: 256 × 128 cubes of 8
-/// planes, 2 stages of 4 `K_STEP`s). 64 × 32 planes at 3–4 warps a scheduler ran 7–35 %
+/// planes, 2 stages of 4 `K_STEP`s). 64 × 32 planes at 3–4 warps a scheduler ran 5–41 %
 /// slower: their extra fragment reads cost more than the warps hide.
 pub const PREFILL: Tuning = Tuning {
     planes: 2,
