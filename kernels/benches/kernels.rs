@@ -579,29 +579,22 @@ const PREFILL_ATTENTION: pfa::Shape = pfa::Shape {
     block_size: 16,
 };
 
-/// Prefill attention's tilings (planes of 16 query rows a cube × keys a block) on the bench's
-/// cases: a cube of more planes shares each K/V block among more rows, and past 8 planes
-/// (`__launch_bounds__` of its units) ptxas holds it to fewer registers a thread.
+/// Prefill attention's tilings (planes a cube × 16-row tiles a plane × keys a block) on the
+/// bench's cases: a plane of two row tiles feeds each K/V fragment it loads to both (half the
+/// shared reads per product) but holds twice the output and score registers.
 fn sweep_prefill_attention(b: &mut Bench) {
     let mma = pfa::Tiling::for_device::<R, bf16>(&b.client, PREFILL_ATTENTION).mma;
-    for (planes, block_keys) in [
-        (4, 64),
-        (8, 64),
-        (12, 64),
-        (16, 64),
-        (8, 32),
-        (12, 32),
-        (16, 32),
-    ] {
+    for (planes, row_tiles, block_keys) in [(4, 2, 32), (4, 2, 64), (4, 1, 64), (2, 2, 32)] {
         let tiling = pfa::Tiling {
             planes,
+            row_tiles,
             block_keys,
             mma,
         };
         prefill_attention_cases(
             b,
             tiling,
-            &format!("prefill_attention {planes}x{block_keys}"),
+            &format!("prefill_attention {planes}x{row_tiles}x{block_keys}"),
         );
     }
 }

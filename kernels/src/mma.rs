@@ -132,6 +132,22 @@ pub(crate) fn fragment_lanes(
     out
 }
 
+/// Where this lane's `ldmatrix` address lies for the four 8×8 matrices at rows `row` (a
+/// multiple of 8) past [`fragment_lanes`]' `first_row` and groups `group0`, + 1 (`group0`
+/// even) of a stage at vector `base`: one of `lanes` plus a constant.
+#[cube]
+pub(crate) fn fragment_at(
+    base: usize,
+    lanes: &Array<usize>,
+    row: usize,
+    group0: usize,
+    #[comptime] chunk: usize,
+    #[comptime] vp8: usize,
+) -> usize {
+    let period = comptime![swizzle_period(chunk, vp8)];
+    base + lanes[(group0 % period) / 2] + row * chunk + (group0 / period) * comptime![period * vp8]
+}
+
 /// Four 8×8 matrices of a [`swizzled`] stage starting at vector `base`, as `mma` fragment
 /// registers: rows `first_row + row` to + 15 (both multiples of 8) at the 8-value groups
 /// `group0` and + 1 (`group0` even); lane (g, t) gets values 2t, 2t + 1 of its row g in each
@@ -156,11 +172,7 @@ pub(crate) fn load_fragments<F: Float, N: Size>(
 ) -> Array<Pair<F>> {
     let lane = UNIT_POS as usize % WARP;
     if comptime![hardware] {
-        let period = comptime![swizzle_period(chunk, vp8)];
-        let at = base
-            + lanes[(group0 % period) / 2]
-            + row * chunk
-            + (group0 / period) * comptime![period * vp8];
+        let at = fragment_at(base, lanes, row, group0, chunk, vp8);
         let def = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
         def.load_matrix::<Vector<F, N>, Const<2>>(
             &ring_s.slice(at, at + 1),

@@ -2,11 +2,12 @@
 //! sequences and chunk lengths in one launch), flash-attention style: tiles of query rows walk
 //! their keys in blocks with an online softmax (f32), so scores never reach device memory.
 //!
-//! A cube serves one (query tile, head): 16 consecutive query rows of one sequence per plane.
+//! A cube serves one (query tile, head): 16 or 32 consecutive query rows of one sequence per
+//! plane.
 //! For each block of keys (gathered through the block table into shared memory) it computes
 //! S = Q·Kᵀ, updates each row's running max and sum, rescales the output rows whose max grew,
 //! and adds P·V. Where the device has tensor cores (`mma` m16n8k16, f32 accumulation) each
-//! plane keeps Q, S, P and O of its rows in register fragments (FlashAttention-2's structure);
+//! plane keeps S, P and O of its rows in register fragments (FlashAttention-2's structure);
 //! elsewhere the units compute the same tiles element by element through shared memory (the
 //! CPU CI path; same masking and softmax). Query row r of a tile sits at position
 //! `first_pos + r` and sees keys `0..=first_pos + r`.
@@ -15,10 +16,13 @@ use cubecl::frontend::barrier::{copy_async, Barrier};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::mma::{has_tensor_cores, shared_bound, swizzled, Pair, MBARRIER, STAGE_ALIGN, WARP};
+use crate::mma::{
+    fragment_at, fragment_lanes, has_tensor_cores, shared_bound, swizzled, Pair, MBARRIER,
+    STAGE_ALIGN, WARP,
+};
 use crate::vector::vector_size;
 
-/// Query rows per plane (the tensor-core tile's M).
+/// Query rows of a row tile (the tensor-core tile's M).
 const PLANE_ROWS: usize = 16;
 /// Paddings of the shared tiles' strides (elements), against bank conflicts; they keep the
 /// strides multiples of 16 bytes, as the tensor-core loads and stores need.
@@ -34,36 +38,40 @@ pub struct Shape {
     pub block_size: usize,
 }
 
-/// How the work is tiled on a device: planes per cube (16 query rows each), keys per block, and
-/// whether the products run on tensor cores.
+/// How the work is tiled on a device: planes per cube, 16-row tiles of query rows per plane,
+/// keys per block, and whether the products run on tensor cores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiling {
     pub planes: usize,
+    pub row_tiles: usize,
     pub block_keys: usize,
     pub mma: bool,
 }
 
 impl Tiling {
-    /// The largest tiling whose shared tiles fit the device (4 planes × 64 keys on a GPU; cubes
-    /// of 8–16 planes, at 32 or 64 keys, ran 3–73 % slower on the H200: benches/RESULTS.md).
+    /// The largest tiling whose shared tiles fit the device: on a GPU 4 planes of two row
+    /// tiles × 32 keys (on the H200 4–7 % faster than one row tile × 64 keys; cubes of 8–16
+    /// planes ran 3–73 % slower: benches/RESULTS.md).
     pub fn for_device<R: Runtime, F: CubePrimitive>(
         client: &ComputeClient<R>,
         shape: Shape,
     ) -> Self {
         let limit = client.properties().hardware.max_shared_memory_size;
         let mma = has_tensor_cores::<R, F>(client);
-        let tilings = [(4, 64), (2, 32), (1, 16)].map(|(planes, block_keys)| Tiling {
-            planes,
-            block_keys,
-            mma,
-        });
+        let tilings =
+            [(4, 2, 32), (2, 1, 32), (1, 1, 16)].map(|(planes, row_tiles, block_keys)| Tiling {
+                planes,
+                row_tiles,
+                block_keys,
+                mma,
+            });
         // The smallest one when none fits: its launch then reports the device's refusal.
         let fits = |t: &&Tiling| t.shared_bytes(shape.head_dim, size_of::<F>()) <= limit;
         *tilings.iter().find(fits).unwrap_or(&tilings[2])
     }
 
     pub fn tile_rows(&self) -> usize {
-        PLANE_ROWS * self.planes
+        PLANE_ROWS * self.row_tiles * self.planes
     }
 
     fn shared_bytes(&self, head_dim: usize, elem: usize) -> usize {
@@ -138,6 +146,7 @@ fn prefill_attention_kernel<F: Float, N: Size>(
     #[comptime] block_size: usize,
     #[comptime] vec: usize,
     #[comptime] planes: usize,
+    #[comptime] row_tiles: usize,
     #[comptime] bc: usize,
     #[comptime] use_mma: bool,
 ) {
@@ -146,7 +155,7 @@ fn prefill_attention_kernel<F: Float, N: Size>(
     let tile = CUBE_POS_Y as usize;
     let t0 = tiles[tile * 4 + 1] as usize;
     let rows = tiles[tile * 4 + 2] as usize;
-    let br = comptime![PLANE_ROWS * planes];
+    let br = comptime![PLANE_ROWS * row_tiles * planes];
     // Q, K and V tiles are row-major with row stride `qs` (16-byte rows for the matrix loads).
     let qs = comptime![head_dim + PAD_F];
     let mut q_s = SharedMemory::<F>::new_aligned(br * qs, 16usize);
@@ -205,6 +214,7 @@ fn prefill_attention_kernel<F: Float, N: Size>(
             vec,
             bc,
             planes,
+            row_tiles,
         );
     } else {
         attend_plain::<F, N>(
@@ -220,7 +230,7 @@ fn prefill_attention_kernel<F: Float, N: Size>(
             head_dim,
             block_size,
             vec,
-            planes,
+            br,
             bc,
         );
     }
@@ -402,14 +412,17 @@ fn mma_two_tiles<F: Float>(
     }
 }
 
-/// The tensor-core path, FlashAttention-2 style: each plane keeps its 16 query rows' Q, scores
-/// and output in `mma` (m16n8k16, f32 accumulation) register fragments for the whole walk; only
+/// The tensor-core path, FlashAttention-2 style: each plane keeps its query rows' scores and
+/// output in `mma` (m16n8k16, f32 accumulation) register fragments for the whole walk; only
 /// K and V pass through shared memory, double-buffered: the next key block's async copies
 /// (`cp.async`) are in flight while the current one is multiplied. A lane holds rows `g` and
 /// `g + 8` of a fragment (g = lane / 4) at columns `2t, 2t + 1` (t = lane % 4), so a row's max
 /// and sum combine the 4 lanes of its quad with two shuffles, and the scores' accumulator
-/// registers are, converted, the A fragments of P·V. Only blocks that reach past the plane's
-/// first row (the diagonal, and the keys past the last) pay for the causal mask.
+/// registers are, converted, the A fragments of P·V. With two 16-row tiles a plane, each K/V
+/// fragment loaded feeds both tiles' products (half the shared reads per product); Q's
+/// fragments are re-read from shared memory each block, as held in registers they would push
+/// the second tile's output out. Only blocks that reach past the plane's first row (the
+/// diagonal, and the keys past the last) pay for the causal mask.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn attend_mma<F: Float, N: Size>(
@@ -427,10 +440,13 @@ fn attend_mma<F: Float, N: Size>(
     #[comptime] vec: usize,
     #[comptime] bc: usize,
     #[comptime] planes: usize,
+    #[comptime] row_tiles: usize,
 ) {
     let qs = comptime![head_dim + PAD_F];
+    let vecs = comptime![head_dim / vec];
+    let vp8 = comptime![8 / vec];
     // K/V tiles in vectors (16 bytes), two buffers of `bc` swizzled rows.
-    let buf = comptime![bc * head_dim / vec];
+    let buf = comptime![bc * vecs];
     let mut k_s = SharedMemory::<Vector<F, N>>::new_aligned(2 * buf, STAGE_ALIGN);
     let mut v_s = SharedMemory::<Vector<F, N>>::new_aligned(2 * buf, STAGE_ALIGN);
     let ready0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
@@ -439,46 +455,36 @@ fn attend_mma<F: Float, N: Size>(
     let def = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let lane = UNIT_POS_PLANE as usize;
     let (g, t) = (lane / 4, lane % 4);
-    let r0 = (UNIT_POS / PLANE_DIM) as usize * PLANE_ROWS;
-    let d_chunks = comptime![head_dim / 16];
+    let r0 = (UNIT_POS / PLANE_DIM) as usize * comptime![PLANE_ROWS * row_tiles];
     let d_tiles = comptime![head_dim / 8];
+    // The fragments' addresses: K's as `mma`'s B side, V's (loaded transposed: V is
+    // [key][dim]) as its A side, so that lane L addresses key L % 8 + 8·(L / 8 % 2) of a
+    // 16-key chunk at columns 8·(L / 16); Q's (ldmatrix ×4 of a 16 × 16 chunk, padded rows)
+    // row L % 8 + 8·(L / 8 % 2), column 8·(L / 16).
+    let lanes = Lanes {
+        k: fragment_lanes(0, vecs, vp8, true),
+        v: fragment_lanes(0, vecs, vp8, false),
+        q: (r0 + lane % 8 + 8 * ((lane / 8) % 2)) * qs + 8 * (lane / 16),
+    };
 
-    // Q fragments, one per 16 columns: ldmatrix ×4, lane L giving the address of row
-    // L % 8 + 8·(L / 8 % 2), column 8·(L / 16) of the chunk.
-    let mut q_frag = Array::<Pair<F>>::new(comptime![4 * head_dim / 16]);
-    let q_row = r0 + lane % 8 + 8 * ((lane / 8) % 2);
+    // Output fragments (of row tile i: vector 2n, row g, and 2n + 1, row g + 8, of column
+    // tile n, from i·2·d_tiles); for rows g and g + 8 of each row tile (index 2i + h): the
+    // running max of the raw scores, this lane's share of the running sum, and the last key
+    // the row sees (rows past the tile see the tile's keys).
+    let mut o = Array::<Pair<f32>>::new(comptime![row_tiles * 2 * d_tiles]);
     #[unroll]
-    for kk in 0..d_chunks {
-        let start = q_row * qs + kk * 16 + 8 * (lane / 16);
-        let regs = def.load_matrix::<F, Const<2>>(
-            &q_s.slice(start, start + 8),
-            cmma::MatrixIdent::A,
-            4usize,
-            false,
-        );
-        #[unroll]
-        for j in 0..4usize {
-            q_frag[kk * 4 + j] = regs[j];
-        }
-    }
-
-    // Output fragments (vector 2n: row g, 2n + 1: row g + 8 of column tile n); for rows g and
-    // g + 8 (index h): the running max of the raw scores, this lane's share of the running sum,
-    // and the last key the row sees (rows past the tile see the tile's keys).
-    let mut o = Array::<Pair<f32>>::new(comptime![2 * head_dim / 8]);
-    #[unroll]
-    for i in 0..comptime![2 * head_dim / 8] {
+    for i in 0..comptime![row_tiles * 2 * d_tiles] {
         o[i] = Vector::new(0.0);
     }
     let n_keys = at.p0 + at.rows;
-    let mut m_run = Array::<f32>::new(2usize);
-    let mut l_run = Array::<f32>::new(2usize);
-    let mut last = Array::<usize>::new(2usize);
+    let mut m_run = Array::<f32>::new(comptime![2 * row_tiles]);
+    let mut l_run = Array::<f32>::new(comptime![2 * row_tiles]);
+    let mut last = Array::<usize>::new(comptime![2 * row_tiles]);
     #[unroll]
-    for h in 0..2usize {
-        m_run[h] = f32::new(-3.0e38);
-        l_run[h] = f32::new(0.0);
-        last[h] = usize::min(at.p0 + r0 + 8 * h + g, n_keys - 1);
+    for i in 0..comptime![2 * row_tiles] {
+        m_run[i] = f32::new(-3.0e38);
+        l_run[i] = f32::new(0.0);
+        last[i] = usize::min(at.p0 + r0 + 8 * i + g, n_keys - 1);
     }
     // Blocks ending by here are seen whole by every row of the plane.
     let unmasked_end = usize::min(at.p0 + r0, n_keys - 1) + 1;
@@ -538,16 +544,16 @@ fn attend_mma<F: Float, N: Size>(
         let base = cur * buf;
         // A plane skips the blocks all of its rows are past (the tile's last ones, for the
         // planes nearer its top); it still takes part in the barriers.
-        if k0 < at.p0 + r0 + PLANE_ROWS {
+        if k0 < at.p0 + r0 + comptime![PLANE_ROWS * row_tiles] {
             if k0 + bc <= unmasked_end {
                 attend_block::<F, N>(
-                    &def, &q_frag, &k_s, &v_s, &mut o, &mut m_run, &mut l_run, &last, base, k0,
-                    scale, head_dim, vec, bc, false,
+                    &def, q_s, &lanes, &k_s, &v_s, &mut o, &mut m_run, &mut l_run, &last, base, k0,
+                    scale, head_dim, vec, bc, row_tiles, false,
                 );
             } else {
                 attend_block::<F, N>(
-                    &def, &q_frag, &k_s, &v_s, &mut o, &mut m_run, &mut l_run, &last, base, k0,
-                    scale, head_dim, vec, bc, true,
+                    &def, q_s, &lanes, &k_s, &v_s, &mut o, &mut m_run, &mut l_run, &last, base, k0,
+                    scale, head_dim, vec, bc, row_tiles, true,
                 );
             }
         }
@@ -556,32 +562,54 @@ fn attend_mma<F: Float, N: Size>(
 
     // Each row's sum over its quad, then the normalized rows out.
     #[unroll]
-    for h in 0..2usize {
-        let mut l = l_run[h];
+    for i in 0..comptime![2 * row_tiles] {
+        let mut l = l_run[i];
         l += plane_shuffle_xor(l, 1);
         l += plane_shuffle_xor(l, 2);
-        let r = r0 + 8 * h + g;
+        let r = r0 + 8 * i + g;
         if r < at.rows {
             #[unroll]
             for n in 0..d_tiles {
                 #[unroll]
                 for e in 0..2usize {
+                    let v = o[(i / 2) * 2 * d_tiles + 2 * n + i % 2][e];
                     out[((at.t0 + r) * heads + at.head) * head_dim + n * 8 + 2 * t + e] =
-                        F::cast_from(o[2 * n + h][e] / l);
+                        F::cast_from(v / l);
                 }
             }
         }
     }
 }
 
-/// One key block of [`attend_mma`] for a plane's 16 rows (`base`: the block's K/V buffer):
+/// A lane's fragment addresses: [`fragment_lanes`] of the K and V stages, and its Q row's
+/// first element in the Q tile.
+#[derive(CubeType)]
+struct Lanes {
+    k: Array<usize>,
+    v: Array<usize>,
+    q: usize,
+}
+
+/// The A fragment of a 16 × 16 chunk of the Q tile, lane L giving the address `at` of row
+/// L % 8 + 8·(L / 8 % 2), column 8·(L / 16) of the chunk.
+#[cube]
+fn q_fragment<F: Float>(
+    def: &cmma::MmaDefinition<F, F, f32>,
+    q_s: &SharedMemory<F>,
+    at: usize,
+) -> Array<Pair<F>> {
+    def.load_matrix::<F, Const<2>>(&q_s.slice(at, at + 8), cmma::MatrixIdent::A, 4usize, false)
+}
+
+/// One key block of [`attend_mma`] for a plane's rows (`base`: the block's K/V buffer):
 /// S = Q·Kᵀ, the online softmax (masked: keys past each row's last set to -3e38 first), and
 /// O += P·V. The scale (> 0) is applied inside the exponentials, so maxima are of raw scores.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn attend_block<F: Float, N: Size>(
     def: &cmma::MmaDefinition<F, F, f32>,
-    q_frag: &Array<Pair<F>>,
+    q_s: &SharedMemory<F>,
+    lanes: &Lanes,
     k_s: &SharedMemory<Vector<F, N>>,
     v_s: &SharedMemory<Vector<F, N>>,
     o: &mut Array<Pair<f32>>,
@@ -594,108 +622,127 @@ fn attend_block<F: Float, N: Size>(
     #[comptime] head_dim: usize,
     #[comptime] vec: usize,
     #[comptime] bc: usize,
+    #[comptime] row_tiles: usize,
     #[comptime] masked: bool,
 ) {
     let vecs = comptime![head_dim / vec];
     let vp8 = comptime![8 / vec];
-    let lane = UNIT_POS_PLANE as usize;
-    let t = lane % 4;
+    let qs = comptime![head_dim + PAD_F];
+    let t = UNIT_POS_PLANE as usize % 4;
     let key_tiles = comptime![bc / 8];
+    // Registers a row tile's scores (and P, and output) take.
+    let s_len = comptime![2 * bc / 8];
+    let o_len = comptime![2 * head_dim / 8];
 
-    // S = Q·Kᵀ, two key tiles per ldmatrix ×4: lane L addresses key 8·(L / 16) + L % 8 of the
-    // pair, columns 8·(L / 8 % 2) of the chunk.
-    let mut s = Array::<Pair<f32>>::new(comptime![2 * bc / 8]);
+    // S = Q·Kᵀ: per 16 columns, the row tiles' Q fragments, then two key tiles per ldmatrix
+    // ×4, each multiplied into every row tile.
+    let mut s = Array::<Pair<f32>>::new(comptime![row_tiles * s_len]);
     #[unroll]
-    for i in 0..comptime![2 * bc / 8] {
+    for i in 0..comptime![row_tiles * s_len] {
         s[i] = Vector::new(0.0);
     }
     #[unroll]
-    for np in 0..comptime![bc / 16] {
-        let key = np * 16 + 8 * (lane / 16) + lane % 8;
+    for kk in 0..comptime![head_dim / 16] {
+        let mut a = Array::<Pair<F>>::new(comptime![4 * row_tiles]);
         #[unroll]
-        for kk in 0..comptime![head_dim / 16] {
-            let start = base + swizzled(key, (kk * 2 + (lane / 8) % 2) * vp8, vecs, vp8);
+        for i in 0..row_tiles {
+            let at = lanes.q + comptime![i * PLANE_ROWS * qs] + kk * 16;
+            let regs = q_fragment::<F>(def, q_s, at);
+            #[unroll]
+            for j in 0..4usize {
+                a[4 * i + j] = regs[j];
+            }
+        }
+        #[unroll]
+        for np in 0..comptime![bc / 16] {
+            let start = fragment_at(base, &lanes.k, np * 16, kk * 2, vecs, vp8);
             let b = def.load_matrix::<Vector<F, N>, Const<2>>(
                 &k_s.slice(start, start + 1),
                 cmma::MatrixIdent::B,
                 4usize,
                 false,
             );
-            let mut a = Array::<Pair<F>>::new(4usize);
             #[unroll]
-            for j in 0..4usize {
-                a[j] = q_frag[kk * 4 + j];
+            for i in 0..row_tiles {
+                let mut ai = Array::<Pair<F>>::new(4usize);
+                #[unroll]
+                for j in 0..4usize {
+                    ai[j] = a[4 * i + j];
+                }
+                mma_two_tiles::<F>(def, &ai, &b, &mut s, i * s_len + np * 4);
             }
-            mma_two_tiles::<F>(def, &a, &b, &mut s, np * 4);
         }
     }
 
-    // Per row h (g, g + 8): the max over its quad, P = exp(scale·(S − max)) (masked scores
-    // give 0: every row saw key 0 in the first block, so its running max is finite even where
-    // this block hides all its keys), converted to the A fragments of P·V: keys 16j.. of the
-    // row are the accumulator vectors of key tiles 2j and 2j + 1.
-    let mut p = Array::<Pair<F>>::new(comptime![2 * bc / 8]);
+    // Per row (g, g + 8 of each row tile): the max over its quad, P = exp(scale·(S − max))
+    // (masked scores give 0: every row saw key 0 in the first block, so its running max is
+    // finite even where this block hides all its keys), converted to the A fragments of P·V:
+    // keys 16j.. of the row are the accumulator vectors of key tiles 2j and 2j + 1.
+    let mut p = Array::<Pair<F>>::new(comptime![row_tiles * s_len]);
     #[unroll]
-    for h in 0..2usize {
-        let mut mx = m_run[h];
+    for ih in 0..comptime![2 * row_tiles] {
+        let (i, h) = (ih / 2, ih % 2);
+        let mut mx = m_run[ih];
         #[unroll]
         for n in 0..key_tiles {
-            let mut v = s[2 * n + h];
+            let mut v = s[i * s_len + 2 * n + h];
             if comptime![masked] {
                 #[unroll]
                 for e in 0..2usize {
-                    if k0 + n * 8 + 2 * t + e > last[h] {
+                    if k0 + n * 8 + 2 * t + e > last[ih] {
                         v[e] = f32::new(-3.0e38);
                     }
                 }
-                s[2 * n + h] = v;
+                s[i * s_len + 2 * n + h] = v;
             }
             mx = f32::max(mx, f32::max(v[0], v[1]));
         }
         mx = f32::max(mx, plane_shuffle_xor(mx, 1));
         mx = f32::max(mx, plane_shuffle_xor(mx, 2));
         let mx_scaled = mx * scale;
-        let alpha = f32::exp(m_run[h] * scale - mx_scaled);
-        m_run[h] = mx;
+        let alpha = f32::exp(m_run[ih] * scale - mx_scaled);
+        m_run[ih] = mx;
         let mut sum = f32::new(0.0);
         #[unroll]
         for n in 0..key_tiles {
             let mut ev = Vector::<f32, Const<2>>::new(0.0);
             #[unroll]
             for e in 0..2usize {
-                ev[e] = f32::exp(s[2 * n + h][e] * scale - mx_scaled);
+                ev[e] = f32::exp(s[i * s_len + 2 * n + h][e] * scale - mx_scaled);
                 sum += ev[e];
             }
             // Tile n = 2j + c lands in A registers 2c + h of chunk j.
-            p[(n / 2) * 4 + (n % 2) * 2 + h] = Pair::<F>::cast_from(ev);
+            p[i * s_len + (n / 2) * 4 + (n % 2) * 2 + h] = Pair::<F>::cast_from(ev);
         }
-        l_run[h] = l_run[h] * alpha + sum;
+        l_run[ih] = l_run[ih] * alpha + sum;
         #[unroll]
         for n in 0..comptime![head_dim / 8] {
-            o[2 * n + h] = o[2 * n + h] * Vector::new(alpha);
+            o[i * o_len + 2 * n + h] = o[i * o_len + 2 * n + h] * Vector::new(alpha);
         }
     }
 
-    // O += P·V, two output column tiles per ldmatrix ×4 (transposed: V is [key][dim]):
-    // lane L addresses key L % 8 + 8·(L / 8 % 2) of the chunk, columns 8·(L / 16).
+    // O += P·V, two output column tiles per ldmatrix ×4 (transposed), each multiplied into
+    // every row tile.
     #[unroll]
     for j in 0..comptime![bc / 16] {
-        let mut a = Array::<Pair<F>>::new(4usize);
-        #[unroll]
-        for r in 0..4usize {
-            a[r] = p[j * 4 + r];
-        }
-        let key = j * 16 + lane % 8 + 8 * ((lane / 8) % 2);
         #[unroll]
         for dp in 0..comptime![head_dim / 16] {
-            let start = base + swizzled(key, (dp * 2 + lane / 16) * vp8, vecs, vp8);
+            let start = fragment_at(base, &lanes.v, j * 16, dp * 2, vecs, vp8);
             let b = def.load_matrix::<Vector<F, N>, Const<2>>(
                 &v_s.slice(start, start + 1),
                 cmma::MatrixIdent::B,
                 4usize,
                 true,
             );
-            mma_two_tiles::<F>(def, &a, &b, o, 4 * dp);
+            #[unroll]
+            for i in 0..row_tiles {
+                let mut a = Array::<Pair<F>>::new(4usize);
+                #[unroll]
+                for r in 0..4usize {
+                    a[r] = p[i * s_len + j * 4 + r];
+                }
+                mma_two_tiles::<F>(def, &a, &b, o, i * o_len + 4 * dp);
+            }
         }
     }
 }
@@ -718,15 +765,14 @@ fn attend_plain<F: Float, N: Size>(
     #[comptime] head_dim: usize,
     #[comptime] block_size: usize,
     #[comptime] vec: usize,
-    #[comptime] planes: usize,
+    #[comptime] br: usize,
     #[comptime] bc: usize,
 ) {
-    let br = comptime![PLANE_ROWS * planes];
     let d = head_dim;
     let qs = comptime![head_dim + PAD_F];
-    let ss = comptime![PLANE_ROWS * planes + PAD_F32];
-    let ps = comptime![PLANE_ROWS * planes + PAD_F];
-    let os = comptime![PLANE_ROWS * planes + PAD_F32];
+    let ss = comptime![br + PAD_F32];
+    let ps = comptime![br + PAD_F];
+    let os = comptime![br + PAD_F32];
     let mut k_s = SharedMemory::<F>::new_aligned(bc * qs, 16usize);
     let mut v_s = SharedMemory::<F>::new_aligned(bc * qs, 16usize);
     let mut key_rows = SharedMemory::<u32>::new(bc);
@@ -892,6 +938,7 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
             block_size,
             v,
             tiling.planes,
+            tiling.row_tiles,
             tiling.block_keys,
             tiling.mma,
         );
@@ -956,8 +1003,8 @@ mod tests {
     use crate::test_util::{client, fill, read, rel_err, upload, Elem};
 
     /// Sequences of `lens` query rows each, the first `cached` keys of each already in the cache
-    /// (chunked prefill), K/V blocks scattered over the pool.
-    fn check<F: Elem>(shape: Shape, chunks_of: &[(usize, usize)], tol: f64) {
+    /// (chunked prefill), K/V blocks scattered over the pool; `row_tiles` 16-row tiles a plane.
+    fn check<F: Elem>(shape: Shape, chunks_of: &[(usize, usize)], row_tiles: usize, tol: f64) {
         let c = client();
         let Shape {
             heads,
@@ -990,7 +1037,13 @@ mod tests {
         let q = F::round_trip(&fill(first_token * heads * d, 51));
         let kc = F::round_trip(&fill(num_blocks * bs * kv_heads * d, 52));
         let vc = F::round_trip(&fill(num_blocks * bs * kv_heads * d, 53));
-        let tiling = Tiling::for_device::<_, F>(&c, shape);
+        // The device's rows a cube (so its shared memory still fits), in `row_tiles` a plane.
+        let device = Tiling::for_device::<_, F>(&c, shape);
+        let tiling = Tiling {
+            planes: (device.planes / row_tiles).max(1),
+            row_tiles,
+            ..device
+        };
         let plan = tiles(&chunks, tiling.tile_rows());
         let out = upload::<F>(&c, &vec![f32::NAN; q.len()]);
         let scale = 1.0 / (d as f32).sqrt();
@@ -1022,8 +1075,10 @@ mod tests {
             block_size: 16,
         };
         // Whole prompts, one past a tile, and chunks that start mid-sequence.
-        check::<f32>(shape, &[(0, 5), (0, 70), (37, 20), (100, 1)], 1e-5);
-        check::<half::f16>(shape, &[(0, 33), (64, 64)], 3e-3);
+        check::<f32>(shape, &[(0, 5), (0, 70), (37, 20), (100, 1)], 1, 1e-5);
+        check::<half::f16>(shape, &[(0, 33), (64, 64)], 1, 3e-3);
+        // Two row tiles a plane: tiles of twice the rows, the ragged ends inside the second.
+        check::<f32>(shape, &[(0, 150), (37, 20), (100, 1)], 2, 1e-5);
     }
 
     #[test]
@@ -1032,6 +1087,7 @@ mod tests {
         // mbarriers; each buffer with its alignment's worst padding.
         let tiling = Tiling {
             planes: 4,
+            row_tiles: 1,
             block_keys: 64,
             mma: true,
         };
