@@ -566,6 +566,8 @@ fn attend_mma<F: Float, N: Size>(
         let mut l = l_run[i];
         l += plane_shuffle_xor(l, 1);
         l += plane_shuffle_xor(l, 2);
+        // One division a row (IEEE division is a checked sequence with a slow-path call).
+        let inv_l = 1.0 / l;
         let r = r0 + 8 * i + g;
         if r < at.rows {
             #[unroll]
@@ -574,7 +576,7 @@ fn attend_mma<F: Float, N: Size>(
                 for e in 0..2usize {
                     let v = o[(i / 2) * 2 * d_tiles + 2 * n + i % 2][e];
                     out[((at.t0 + r) * heads + at.head) * head_dim + n * 8 + 2 * t + e] =
-                        F::cast_from(v / l);
+                        F::cast_from(v * inv_l);
                 }
             }
         }
