@@ -17,8 +17,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::mma::{
-    fragment_at, fragment_lanes, has_tensor_cores, shared_bound, swizzled, Pair, MBARRIER,
-    STAGE_ALIGN, WARP,
+    fragment_at, fragment_lanes, has_tensor_cores, shared_bound, swizzle_period, swizzled, Pair,
+    MBARRIER, STAGE_ALIGN, WARP,
 };
 use crate::vector::vector_size;
 
@@ -356,20 +356,44 @@ fn copy_block<F: Float, N: Size>(
     let total = comptime![bc * vecs];
     let steps = comptime![total.div_ceil(units)];
     let whole = comptime![total % units == 0];
+    // Where a round covers whole swizzle periods of rows, a unit's destinations are its first
+    // plus a round of vectors each (the swizzle depends only on the row within its period):
+    // one swizzle a block instead of one per copy.
+    let vp8 = comptime![8 / vec];
+    let regular = comptime![units % vecs == 0 && (units / vecs) % swizzle_period(vecs, vp8) == 0];
+    let dst0 = swizzled(
+        UNIT_POS as usize / vecs,
+        UNIT_POS as usize % vecs,
+        vecs,
+        vp8,
+    );
+    // Where a cache block holds whole rounds of rows (and key blocks start on cache blocks),
+    // a unit's rounds in one cache block share its table entry: read once (clamped keys stay
+    // in the block of the round before, between it and the key they stand for).
+    let round_rows = comptime![units / vecs];
+    let share =
+        comptime![units % vecs == 0 && block_size % round_rows.max(1) == 0 && bc % block_size == 0];
     let mut src = Array::<usize>::new(steps);
+    let mut block = 0usize;
     #[unroll]
     for s in 0..steps {
         let i = s * units + UNIT_POS as usize;
         // The extra units' keys are clamped too, so their table reads stay in the row.
         let pos = usize::min(k0 + i / vecs, n_keys - 1);
-        let block = block_tables[at.table_row * at.max_blocks + pos / block_size] as usize;
+        if !share || (s * round_rows) % block_size == 0 {
+            block = block_tables[at.table_row * at.max_blocks + pos / block_size] as usize;
+        }
         src[s] = ((block * block_size + pos % block_size) * kv_heads + at.kvh) * vecs + i % vecs;
     }
     #[unroll]
     for s in 0..steps {
         let i = s * units + UNIT_POS as usize;
         if whole || s + 1 < steps || i < total {
-            let dst = base + swizzled(i / vecs, i % vecs, vecs, comptime![8 / vec]);
+            let dst = if comptime![regular] {
+                base + dst0 + s * units
+            } else {
+                base + swizzled(i / vecs, i % vecs, vecs, vp8)
+            };
             copy_async(
                 &k_cache.slice(src[s], src[s] + 1),
                 &mut k_s.slice_mut(dst, dst + 1),
