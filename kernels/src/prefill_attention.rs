@@ -360,7 +360,9 @@ fn copy_block<F: Float, N: Size>(
     // plus a round of vectors each (the swizzle depends only on the row within its period):
     // one swizzle a block instead of one per copy.
     let vp8 = comptime![8 / vec];
-    let regular = comptime![units % vecs == 0 && (units / vecs) % swizzle_period(vecs, vp8) == 0];
+    let regular = comptime![
+        units.is_multiple_of(vecs) && (units / vecs).is_multiple_of(swizzle_period(vecs, vp8))
+    ];
     let dst0 = swizzled(
         UNIT_POS as usize / vecs,
         UNIT_POS as usize % vecs,
@@ -371,8 +373,11 @@ fn copy_block<F: Float, N: Size>(
     // a unit's rounds in one cache block share its table entry: read once (clamped keys stay
     // in the block of the round before, between it and the key they stand for).
     let round_rows = comptime![units / vecs];
-    let share =
-        comptime![units % vecs == 0 && block_size % round_rows.max(1) == 0 && bc % block_size == 0];
+    let share = comptime![
+        units.is_multiple_of(vecs)
+            && block_size.is_multiple_of(round_rows)
+            && bc.is_multiple_of(block_size)
+    ];
     let mut src = Array::<usize>::new(steps);
     let mut block = 0usize;
     #[unroll]
