@@ -1259,6 +1259,7 @@ fn sweep_prefill_splits(b: &mut Bench) {
         for m in [512usize, 1024] {
             let case = ProjCase::new(b, &w, m);
             let shape = format!("{name} m={m} n={n} k={k}");
+            let flops = gemm_flops(m, *n, *k, *swiglu);
             for splits in [1usize, 2, 3, 4] {
                 let tuning = mma_gemm::Tuning {
                     splits: Some(splits),
@@ -1268,14 +1269,7 @@ fn sweep_prefill_splits(b: &mut Bench) {
                 let err = case.check(b, "mma_gemm");
                 let secs = b.time(10, |i| case.mma_gemm(b, &w, i, tuning));
                 let kernel = format!("gemm PREFILL splits={splits}");
-                report_tflops(
-                    b,
-                    &kernel,
-                    &shape,
-                    gemm_flops(m, *n, *k, *swiglu),
-                    secs,
-                    err,
-                );
+                report_tflops(b, &kernel, &shape, flops, secs, err);
             }
         }
     }
