@@ -7,9 +7,10 @@
 //! For each block of keys (gathered through the block table into shared memory) it computes
 //! S = Q·Kᵀ, updates each row's running max and sum, rescales the output rows whose max grew,
 //! and adds P·V. Where the device has tensor cores (`mma` m16n8k16, f32 accumulation) each
-//! plane keeps S, P and O of its rows in register fragments (FlashAttention-2's structure);
-//! elsewhere the units compute the same tiles element by element through shared memory (the
-//! CPU CI path; same masking and softmax). Query row r of a tile sits at position
+//! plane keeps S, P and O of its rows in register fragments (FlashAttention-2's structure) and
+//! rescales only when a row's max grew by more than a bound (FlashAttention-4's); elsewhere
+//! the units compute the same tiles element by element through shared memory (the CPU CI
+//! path; same masking and softmax). Query row r of a tile sits at position
 //! `first_pos + r` and sees keys `0..=first_pos + r`.
 
 use cubecl::frontend::barrier::{copy_async, Barrier};
@@ -24,6 +25,9 @@ use crate::vector::vector_size;
 
 /// Query rows of a row tile (the tensor-core tile's M).
 const PLANE_ROWS: usize = 16;
+/// How far (scaled, natural log) a row's max may outgrow its running max before the tensor-core
+/// path rescales: ln 256.
+const RESCALE_ABOVE: f32 = 8.0 * core::f32::consts::LN_2;
 /// Paddings of the shared tiles' strides (elements), against bank conflicts; they keep the
 /// strides multiples of 16 bytes, as the tensor-core loads and stores need.
 const PAD_F: usize = 8;
@@ -50,24 +54,30 @@ pub struct Tiling {
 
 impl Tiling {
     /// The largest tiling whose shared tiles fit the device: on a GPU 4 planes of two row
-    /// tiles × 32 keys (on the H200 4–7 % faster than one row tile × 64 keys; cubes of 8–16
-    /// planes ran 3–73 % slower: benches/RESULTS.md).
+    /// tiles × 64 keys (FlashAttention-2's 128 × 64 tile; on the H200, with the rescale only
+    /// past `RESCALE_ABOVE`, 4–5 % faster than × 32 keys, and one row tile a plane 15 %
+    /// slower; cubes of 8–16 planes ran 3–73 % slower: benches/RESULTS.md), × 32 keys where
+    /// that does not fit.
     pub fn for_device<R: Runtime, F: CubePrimitive>(
         client: &ComputeClient<R>,
         shape: Shape,
     ) -> Self {
         let limit = client.properties().hardware.max_shared_memory_size;
         let mma = has_tensor_cores::<R, F>(client);
-        let tilings =
-            [(4, 2, 32), (2, 1, 32), (1, 1, 16)].map(|(planes, row_tiles, block_keys)| Tiling {
+        let tilings = [(4, 2, 64), (4, 2, 32), (2, 1, 32), (1, 1, 16)].map(
+            |(planes, row_tiles, block_keys)| Tiling {
                 planes,
                 row_tiles,
                 block_keys,
                 mma,
-            });
+            },
+        );
         // The smallest one when none fits: its launch then reports the device's refusal.
         let fits = |t: &&Tiling| t.shared_bytes(shape.head_dim, size_of::<F>()) <= limit;
-        *tilings.iter().find(fits).unwrap_or(&tilings[2])
+        *tilings
+            .iter()
+            .find(fits)
+            .unwrap_or(&tilings[tilings.len() - 1])
     }
 
     pub fn tile_rows(&self) -> usize {
@@ -705,15 +715,15 @@ fn attend_block<F: Float, N: Size>(
         }
     }
 
-    // Per row (g, g + 8 of each row tile): the max over its quad, P = exp(scale·(S − max))
-    // (masked scores give 0: every row saw key 0 in the first block, so its running max is
-    // finite even where this block hides all its keys), converted to the A fragments of P·V:
-    // keys 16j.. of the row are the accumulator vectors of key tiles 2j and 2j + 1.
-    let mut p = Array::<Pair<F>>::new(comptime![row_tiles * s_len]);
+    // Per row (g, g + 8 of each row tile): the max over its quad (masked scores first set to
+    // -3e38; every row saw key 0 in the first block, so its running max is finite even where
+    // this block hides all its keys).
+    let mut mx = Array::<f32>::new(comptime![2 * row_tiles]);
+    let mut grown = false;
     #[unroll]
     for ih in 0..comptime![2 * row_tiles] {
         let (i, h) = (ih / 2, ih % 2);
-        let mut mx = m_run[ih];
+        let mut m = m_run[ih];
         #[unroll]
         for n in 0..key_tiles {
             let mut v = s[i * s_len + 2 * n + h];
@@ -726,30 +736,51 @@ fn attend_block<F: Float, N: Size>(
                 }
                 s[i * s_len + 2 * n + h] = v;
             }
-            mx = f32::max(mx, f32::max(v[0], v[1]));
+            m = f32::max(m, f32::max(v[0], v[1]));
         }
-        mx = f32::max(mx, plane_shuffle_xor(mx, 1));
-        mx = f32::max(mx, plane_shuffle_xor(mx, 2));
-        let mx_scaled = mx * scale;
-        let alpha = f32::exp(m_run[ih] * scale - mx_scaled);
-        m_run[ih] = mx;
+        m = f32::max(m, plane_shuffle_xor(m, 1));
+        m = f32::max(m, plane_shuffle_xor(m, 2));
+        mx[ih] = m;
+        grown = grown || (m - m_run[ih]) * scale > RESCALE_ABOVE;
+    }
+    // The running maxima move (and the output and sums are rescaled to them) only when some
+    // row's max grew by more than `RESCALE_ABOVE`; until then P = exp(scale·(S − max)) stays
+    // below e^RESCALE_ABOVE = 256, which bf16 and the f32 sums hold at full precision. After
+    // the first blocks a row's max seldom grows that much, so the plane mostly skips the
+    // rescale (FlashAttention-4's conditional rescaling).
+    if plane_any(grown) {
+        #[unroll]
+        for ih in 0..comptime![2 * row_tiles] {
+            let (i, h) = (ih / 2, ih % 2);
+            let alpha = f32::exp((m_run[ih] - mx[ih]) * scale);
+            m_run[ih] = mx[ih];
+            l_run[ih] *= alpha;
+            #[unroll]
+            for n in 0..comptime![head_dim / 8] {
+                o[i * o_len + 2 * n + h] = o[i * o_len + 2 * n + h] * Vector::new(alpha);
+            }
+        }
+    }
+    // P, converted to the A fragments of P·V: keys 16j.. of a row are the accumulator vectors
+    // of key tiles 2j and 2j + 1.
+    let mut p = Array::<Pair<F>>::new(comptime![row_tiles * s_len]);
+    #[unroll]
+    for ih in 0..comptime![2 * row_tiles] {
+        let (i, h) = (ih / 2, ih % 2);
+        let m_scaled = m_run[ih] * scale;
         let mut sum = f32::new(0.0);
         #[unroll]
         for n in 0..key_tiles {
             let mut ev = Vector::<f32, Const<2>>::new(0.0);
             #[unroll]
             for e in 0..2usize {
-                ev[e] = f32::exp(s[i * s_len + 2 * n + h][e] * scale - mx_scaled);
+                ev[e] = f32::exp(s[i * s_len + 2 * n + h][e] * scale - m_scaled);
                 sum += ev[e];
             }
             // Tile n = 2j + c lands in A registers 2c + h of chunk j.
             p[i * s_len + (n / 2) * 4 + (n % 2) * 2 + h] = Pair::<F>::cast_from(ev);
         }
-        l_run[ih] = l_run[ih] * alpha + sum;
-        #[unroll]
-        for n in 0..comptime![head_dim / 8] {
-            o[i * o_len + 2 * n + h] = o[i * o_len + 2 * n + h] * Vector::new(alpha);
-        }
+        l_run[ih] += sum;
     }
 
     // O += P·V, two output column tiles per ldmatrix ×4 (transposed), each multiplied into
