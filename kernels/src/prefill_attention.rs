@@ -55,7 +55,7 @@ pub struct Tiling {
 impl Tiling {
     /// The largest tiling whose shared tiles fit the device: on a GPU 4 planes of two row
     /// tiles × 64 keys (FlashAttention-2's 128 × 64 tile; on the H200, with the rescale only
-    /// past `RESCALE_ABOVE`, 4–5 % faster than × 32 keys, and one row tile a plane 15 %
+    /// past `RESCALE_ABOVE`, 1–5 % faster than × 32 keys, and one row tile a plane 15–17 %
     /// slower; cubes of 8–16 planes ran 3–73 % slower: benches/RESULTS.md), × 32 keys where
     /// that does not fit.
     pub fn for_device<R: Runtime, F: CubePrimitive>(
