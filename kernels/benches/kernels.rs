@@ -656,6 +656,12 @@ fn prefill_attention_cases(b: &mut Bench, tiling: pfa::Tiling, kernel: &str) {
         } else {
             &[model_scale]
         };
+        // Score/value products actually needed: each row sees its position + 1 keys.
+        let pairs: usize = seqs
+            .iter()
+            .map(|&(c, n)| (0..n).map(|r| c + r + 1).sum::<usize>())
+            .sum();
+        let flops = 4.0 * (pairs * hd * shape.heads) as f64;
         for &scale in scales {
             let out = b.poisoned(q.len());
             let run = |b: &Bench| {
@@ -677,12 +683,6 @@ fn prefill_attention_cases(b: &mut Bench, tiling: pfa::Tiling, kernel: &str) {
                 f64::NAN
             };
             let secs = b.time(10, |_| run(b));
-            // Score/value products actually needed: each row sees its position + 1 keys.
-            let pairs: usize = seqs
-                .iter()
-                .map(|&(c, n)| (0..n).map(|r| c + r + 1).sum::<usize>())
-                .sum();
-            let flops = 4.0 * (pairs * hd * shape.heads) as f64;
             let tflops = flops / secs / 1e12;
             let sharp = if scale == model_scale {
                 String::new()
