@@ -104,3 +104,58 @@ fn qwen2_on_kernels() {
 fn qwen3_on_kernels() {
     check("qwen3");
 }
+
+/// A real (trained) model on the kernels: SmolLM2-135M from its GGUF (Q/K rows unpermuted on
+/// load), the reference's three prompts prefilled in one batch, then decoded together, greedy,
+/// for the reference's 16 steps — the same ids as the independent float64 forward
+/// (fixtures/greedy-reference.json), whose top-2 margins (≥ 0.14) f32 keeps.
+#[test]
+fn smollm2_greedy_on_kernels() {
+    let files = open_model(&common::smollm2()).unwrap();
+    let client = WgpuRuntime::client(&WgpuDevice::default());
+    let block = 16;
+    let fixture = common::read_json("greedy-reference.json");
+    let cases = fixture["models"]["smollm2"]["cases"].as_array().unwrap();
+    let ids = |case: &serde_json::Value, key: &str| -> Vec<u32> {
+        case[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(c, "prompt_ids")).collect();
+    let expected: Vec<Vec<u32>> = cases.iter().map(|c| ids(c, "greedy_ids")).collect();
+    let steps = expected[0].len();
+    // Two KV blocks a sequence hold its prompt and continuation (≤ 32 tokens).
+    let tables: Vec<[u32; 2]> = (0..prompts.len() as u32)
+        .map(|s| [2 * s, 2 * s + 1])
+        .collect();
+    let mut model = KernelLlama::<WgpuRuntime, f32>::load(
+        client,
+        &files.weights,
+        &files.config,
+        64,
+        2 * prompts.len(),
+        block,
+    )
+    .unwrap();
+    let vocab = files.config.vocab_size;
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    for step in 0..steps {
+        let mut batch = Batch::default();
+        for (s, prompt) in prompts.iter().enumerate() {
+            let tokens = if step == 0 {
+                prompt.clone()
+            } else {
+                vec![got[s][step - 1]]
+            };
+            batch.push_seq(&tokens, prompt.len() + step, &tables[s], block, true);
+        }
+        let logits = model.forward(&batch).unwrap();
+        for (s, row) in logits.chunks_exact(vocab).enumerate() {
+            got[s].push(argmax(row));
+        }
+    }
+    assert_eq!(got, expected);
+}
