@@ -1,10 +1,12 @@
 //! End-to-end checks and benchmarks of the CUDA engine (run on the GPU machine):
 //!
-//!     engine check --model DIR --cases CASES.json --out LOGITS.f32 [--together]
+//!     engine check --model DIR --cases CASES.json --out LOGITS.f32 [--together] [--dtype f32]
 //!         For each case, prefill its prompt ids and then feed its reference tokens one decode
 //!         step at a time (teacher forcing), writing every step's f32 logits (raw, little-endian,
 //!         case-major) for the comparison script (scripts/gpu_e2e.py). `--together`: all cases
 //!         in each step's batch (multi-row decode) instead of one case after another.
+//!         `--dtype f32`: the model in f32 instead of bf16 (the precision whose greedy picks
+//!         a random-weight model's near-flat logits still decide).
 //!     engine bench --model DIR [--prompt-len 512] [--gen 128] [--concurrency 1,64]
 //!                  [--long 8192,16384,32768]
 //!         Serves random-token requests through `Engine` and prints TTFT, TPOT, P50/P95/P99
@@ -23,6 +25,7 @@ use kiln::runner::batch::Batch;
 use kiln::runner::Forward;
 use kiln::{Device, Engine, Request, SamplingParams};
 use kiln_kernels::cubecl::cuda::{CudaDevice, CudaRuntime};
+use kiln_kernels::cubecl::prelude::{CubeElement, Float};
 use kiln_kernels::cubecl::Runtime;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -33,6 +36,14 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 }
 
 fn check(args: &[String]) {
+    match arg(args, "--dtype").as_deref() {
+        None | Some("bf16") => check_as::<half::bf16>(args),
+        Some("f32") => check_as::<f32>(args),
+        Some(other) => panic!("--dtype {other}: bf16 or f32"),
+    }
+}
+
+fn check_as<F: Float + CubeElement>(args: &[String]) {
     let model = PathBuf::from(arg(args, "--model").expect("--model"));
     let cases: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(arg(args, "--cases").expect("--cases")).expect("cases file"),
@@ -45,7 +56,7 @@ fn check(args: &[String]) {
     let block = 16;
     let t0 = Instant::now();
     let client = CudaRuntime::client(&CudaDevice::new(0));
-    let mut m = KernelLlama::<CudaRuntime, half::bf16>::load(
+    let mut m = KernelLlama::<CudaRuntime, F>::load(
         client,
         &files.weights,
         &files.config,
@@ -77,7 +88,7 @@ fn check(args: &[String]) {
         .collect();
     let vocab = files.config.vocab_size;
     // Teacher-forced steps: step 0 the prompts' prefill, step i ≥ 1 their reference token i − 1.
-    let step = |m: &mut KernelLlama<CudaRuntime, half::bf16>, which: &[usize], i: usize| {
+    let step = |m: &mut KernelLlama<CudaRuntime, F>, which: &[usize], i: usize| {
         let mut batch = Batch::default();
         for &c in which {
             let (prompt, reference) = &cases[c];

@@ -3,13 +3,16 @@ model shapes (the GPU machine has no hub access). Run there from the repository 
 stripped bench binary at .bin/engine:
 
     python3 scripts/gpu_e2e.py llama-3.1-8b [qwen2.5-7b qwen3-0.6b] [--bench] [--no-check]
-        [--layers N] [--concurrency 1,16,64] [--long 8192,16384,32768]
+        [--f32] [--layers N] [--concurrency 1,16,64] [--long 8192,16384,32768]
 
 For each shape: builds the model in bf16 with seeded random weights, saves it as safetensors
 (with a stand-in word-level tokenizer.json), has transformers generate 33 greedy tokens for 4
 prompts, has kiln compute the logits of the same prefill + 32 decode steps (teacher-forced),
 one prompt at a time and then all four in each step's batch ("together": multi-row decode),
 and reports the relative error of kiln's logits and where its greedy choice first differs.
+--f32 runs kiln's engine in f32 instead, against the f32 model: random weights give near-flat
+logits whose greedy picks no bf16 engine (transformers' own included) follows for long, while
+f32 keeps them, so this is where the greedy criterion (same picks as transformers) is decided.
 --bench then serves requests through kiln's Engine (benches/engine.rs bench). --layers keeps
 only the first N decoder layers (for profiling); --long adds one request per long prompt length.
 The GPU's memory in use is sampled during the benchmark (nvidia-smi, whole device). Results: $OUT.
@@ -93,11 +96,14 @@ def check(name):
     torch.cuda.empty_cache()
     cases_path = f"/tmp/{name}-cases.json"
     json.dump({"cases": cases}, open(cases_path, "w"))
-    report = {"shape": name, "cases": [], "together": []}
+    report = {"shape": name}
     rel = lambda a, b: np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
     # One case at a time (one-row decode steps), then all four in each step's batch (4-row
     # decode: the skinny GEMM and the multi-query decode attention).
-    for mode, flags in (("cases", []), ("together", ["--together"])):
+    modes = (("cases", []), ("together", ["--together"]))
+    if "--f32" in sys.argv:
+        modes = tuple((f"{mode}-f32", flags + ["--dtype", "f32"]) for mode, flags in modes)
+    for mode, flags in modes:
         out_path = f"/tmp/{name}-kiln-{mode}.f32"
         subprocess.run([".bin/engine", "check", "--model", d, "--cases", cases_path, "--out", out_path]
                        + flags, check=True)
@@ -107,7 +113,7 @@ def check(name):
             agree = next((i for i in range(STEPS) if int(kiln[c, i].argmax()) != case["reference_tokens"][i]), STEPS)
             f32_agree = next((i for i in range(STEPS) if int(kiln[c, i].argmax()) != int(f32[i].argmax())), STEPS)
             hf_f32_agree = next((i for i in range(STEPS) if int(ref[i].argmax()) != int(f32[i].argmax())), STEPS)
-            report[mode].append({"prompt_len": len(case["prompt_ids"]),
+            report.setdefault(mode, []).append({"prompt_len": len(case["prompt_ids"]),
                                  "kiln_vs_hf_bf16": {"max": float(err.max()), "mean": float(err.mean())},
                                  "kiln_vs_f32": {"max": float(kiln_err.max()), "mean": float(kiln_err.mean())},
                                  "hf_bf16_vs_f32": {"max": float(hf_err.max()), "mean": float(hf_err.mean())},
