@@ -33,9 +33,9 @@ pub enum Device {
 /// Compute precision of weights, activations and the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
-    /// On CUDA the prompt-sized products go through cubek's tensor-core matmul, which stages
-    /// f32 operands as TF32 (10-bit mantissa, like torch's `allow_tf32`); decode-sized ones
-    /// stay f32.
+    /// On CUDA, products of more rows than the GEMV takes (prompts, large decode batches) go
+    /// through cubek's tensor-core matmul, which stages f32 operands as TF32 (10-bit mantissa,
+    /// like torch's `allow_tf32`); the GEMV's stay f32.
     F32,
     F16,
     BF16,
