@@ -10,18 +10,10 @@ fn check(key: &str, engine: &Engine) {
     let cases = fixture["models"][key]["cases"].as_array().unwrap();
     for case in cases {
         let prompt = case["prompt"].as_str().unwrap();
-        let ids = |k: &str| -> Vec<u32> {
-            case[k]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        };
-        let expected = ids("greedy_ids");
+        let expected = common::token_ids(&case["greedy_ids"]);
         assert_eq!(
             engine.tokenizer().encode(prompt).unwrap(),
-            ids("prompt_ids"),
+            common::token_ids(&case["prompt_ids"]),
             "{key}: prompt ids of {prompt:?}"
         );
         let sampling = SamplingParams {

@@ -116,16 +116,14 @@ fn smollm2_greedy_on_kernels() {
     let block = 16;
     let fixture = common::read_json("greedy-reference.json");
     let cases = fixture["models"]["smollm2"]["cases"].as_array().unwrap();
-    let ids = |case: &serde_json::Value, key: &str| -> Vec<u32> {
-        case[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(c, "prompt_ids")).collect();
-    let expected: Vec<Vec<u32>> = cases.iter().map(|c| ids(c, "greedy_ids")).collect();
+    let prompts: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| common::token_ids(&c["prompt_ids"]))
+        .collect();
+    let expected: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| common::token_ids(&c["greedy_ids"]))
+        .collect();
     let steps = expected[0].len();
     // Two KV blocks a sequence hold its prompt and continuation (≤ 32 tokens).
     let tables: Vec<[u32; 2]> = (0..prompts.len() as u32)

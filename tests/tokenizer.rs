@@ -13,12 +13,7 @@ fn check(model_key: &str, path: std::path::PathBuf) {
     assert_eq!(cases.len(), 19);
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let expected: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let expected = common::token_ids(&case["ids"]);
         let ids = tok.encode_raw(text).unwrap();
         assert_eq!(ids, expected, "{model_key}: encode {text:?}");
         assert_eq!(

@@ -42,6 +42,16 @@ pub fn read_json(name: &str) -> serde_json::Value {
     serde_json::from_str(&text).expect("fixture is JSON")
 }
 
+/// A fixture's array of token ids.
+pub fn token_ids(value: &serde_json::Value) -> Vec<u32> {
+    value
+        .as_array()
+        .expect("an array of ids")
+        .iter()
+        .map(|v| v.as_u64().expect("an id") as u32)
+        .collect()
+}
+
 /// ‖a − b‖ / ‖b‖.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
@@ -67,12 +77,7 @@ pub fn check_tiny_logits(
 ) {
     use kiln::runner::batch::Batch;
     let fixture = read_json(&format!("tiny/{name}/logits.json"));
-    let prompt: Vec<u32> = fixture["prompt"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let prompt = token_ids(&fixture["prompt"]);
     let expected: Vec<Vec<f32>> = fixture["logits"]
         .as_array()
         .unwrap()
