@@ -2,9 +2,11 @@
 //! through cubek's matmul (CubeCL's kernel library). Its warp-specialized TMA kernel on `mma`
 //! measured fastest of cubek's tensor-core strategies on every projection shape tried on the
 //! H100 (decode batches of 16–64 rows and 2048-row prefill chunks: benches/RESULTS.md, 2.3–4×
-//! cubek's `Auto`); devices without TMA (and the CPU CI) take `Auto` — tiled on `cmma` where
-//! the device has tensor cores, a unit-tiled kernel elsewhere. The weight stays in its HF
-//! `[out, in]` layout: the right-hand side is its transposed view.
+//! cubek's `Auto`); devices without TMA take the tiled kernel on `cmma`, and those without
+//! tensor cores (the CPU CI) a unit-tiled kernel. f32 always takes the unit-tiled kernel:
+//! cubek's tensor-core kernels stage f32 operands as TF32 (10-bit mantissa), and f32 is asked
+//! for to get f32 products (torch's default too: `allow_tf32` is off for matmuls). The weight
+//! stays in its HF `[out, in]` layout: the right-hand side is its transposed view.
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -29,9 +31,25 @@ pub fn launch<R: Runtime, F: Float + CubeElement>(
     n: usize,
     k: usize,
 ) -> Result<(), String> {
-    let tma = Strategy::SpecializedTmaMma(BlueprintStrategy::Inferred(().into()));
-    launch_with::<R, F>(client, &tma, x, w, y, m, n, k)
-        .or_else(|_| launch_with::<R, F>(client, &Strategy::Auto, x, w, y, m, n, k))
+    let f32_type = f32::as_type_native_unchecked().storage_type();
+    let preferred = if F::as_type_native_unchecked().storage_type() == f32_type {
+        vec![Strategy::SimpleUnit(Default::default())]
+    } else {
+        vec![
+            Strategy::SpecializedTmaMma(BlueprintStrategy::Inferred(().into())),
+            Strategy::SimpleCyclicCmma(Default::default()),
+            Strategy::SimpleUnit(Default::default()),
+        ]
+    };
+    // The first that sets up wins; cubek's own `Auto` does the same but panics where none does.
+    let mut why = Vec::new();
+    for strategy in &preferred {
+        match launch_with::<R, F>(client, strategy, x, w, y, m, n, k) {
+            Ok(()) => return Ok(()),
+            Err(e) => why.push(format!("{strategy}: {e}")),
+        }
+    }
+    Err(why.join("; "))
 }
 
 /// cubek's tensor-core strategies worth comparing on a device, by name (the accelerated set

@@ -33,9 +33,8 @@ pub enum Device {
 /// Compute precision of weights, activations and the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
-    /// On CUDA, products of more rows than the GEMV takes (prompts, large decode batches) go
-    /// through cubek's tensor-core matmul, which stages f32 operands as TF32 (10-bit mantissa,
-    /// like torch's `allow_tf32`); the GEMV's stay f32.
+    /// Every product in f32, on CUDA too (no TF32, as torch's default for matmuls): slower than
+    /// BF16 — the prompt's products leave the tensor cores — and meant for checking results.
     F32,
     F16,
     BF16,
