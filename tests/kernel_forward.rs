@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use cubecl::Runtime;
 use kiln::loader::open_model;
@@ -12,18 +14,25 @@ use kiln::runner::sampler::argmax;
 use kiln::runner::{Forward, Readback, StepOutput};
 use kiln_kernels::sample::{self, Settings};
 
-fn load(name: &str) -> KernelLlama<WgpuRuntime, f32> {
-    let files = open_model(&common::fixture(&format!("tiny/{name}"))).unwrap();
+/// The model at `path` on the kernels, in f32, with a paged cache of `num_blocks` blocks of
+/// `block` tokens (steps of up to 64 tokens).
+fn load_from(path: &Path, num_blocks: usize, block: usize) -> KernelLlama<WgpuRuntime, f32> {
+    let files = open_model(path).unwrap();
     let client = WgpuRuntime::client(&WgpuDevice::default());
     KernelLlama::<WgpuRuntime, f32>::load(
         client,
         &files.weights,
         &files.config,
         64,
-        common::TINY_NUM_BLOCKS,
-        common::TINY_BLOCK,
+        num_blocks,
+        block,
     )
     .unwrap()
+}
+
+fn load(name: &str) -> KernelLlama<WgpuRuntime, f32> {
+    let path = common::fixture(&format!("tiny/{name}"));
+    load_from(&path, common::TINY_NUM_BLOCKS, common::TINY_BLOCK)
 }
 
 fn check(name: &str) {
@@ -111,8 +120,6 @@ fn qwen3_on_kernels() {
 /// (fixtures/greedy-reference.json), whose top-2 margins (≥ 0.14) f32 keeps.
 #[test]
 fn smollm2_greedy_on_kernels() {
-    let files = open_model(&common::smollm2()).unwrap();
-    let client = WgpuRuntime::client(&WgpuDevice::default());
     let block = 16;
     let fixture = common::read_json("greedy-reference.json");
     let cases = fixture["models"]["smollm2"]["cases"].as_array().unwrap();
@@ -129,16 +136,8 @@ fn smollm2_greedy_on_kernels() {
     let tables: Vec<[u32; 2]> = (0..prompts.len() as u32)
         .map(|s| [2 * s, 2 * s + 1])
         .collect();
-    let mut model = KernelLlama::<WgpuRuntime, f32>::load(
-        client,
-        &files.weights,
-        &files.config,
-        64,
-        2 * prompts.len(),
-        block,
-    )
-    .unwrap();
-    let vocab = files.config.vocab_size;
+    let mut model = load_from(&common::smollm2(), 2 * prompts.len(), block);
+    let vocab = model.config().vocab_size;
     let mut got: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     for step in 0..steps {
         let mut batch = Batch::default();
